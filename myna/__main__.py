@@ -1,0 +1,3 @@
+from myna.cli import main
+
+main()
