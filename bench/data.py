@@ -1,0 +1,224 @@
+"""Data pipeline benchmark: posts/s per stage with 1 and 2 workers, peak memory, tokenizer training and encode speed.
+
+    python bench/data.py                 # 1M posts, 3 runs per cell (about 15 minutes on 2 cores)
+    python bench/data.py --posts 200000 --runs 1
+
+The corpus is the bundled real sample multiplied with variations (each copy gets other ids, authors, timestamps and
+a few edited words) written as Twitter API v1.1 JSON lines in 8 files, so ingest parallelises over files as it would
+on a real dump. Each stage runs in a fresh subprocess so its peak RSS is its own. Prints a table: median of the runs.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["ingest", "clean", "dedup", "tokenize"]
+WORDS = "so very really just now today lol omg yes no maybe great bad new old".split()
+
+
+def real_texts() -> list[str]:
+    from myna.data import readers
+
+    texts = []
+    for f in sorted((ROOT / "data" / "sample" / "posts").iterdir()):
+        if f.suffix == ".md":
+            continue
+        texts += [r["text"] for r in readers.read_posts(f) if isinstance(r, dict)]
+    return texts
+
+
+def make_corpus(n_posts: int, out: Path, n_files: int = 8, seed: int = 0) -> Path:
+    """n_posts v1.1 status objects: real texts, varied so that exact dedup does not collapse the copies."""
+    rng = random.Random(seed)
+    texts = real_texts()
+    t0 = datetime(2020, 1, 1, tzinfo=UTC)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    files = [open(raw / f"dump_{i:02d}.jsonl", "wb") for i in range(n_files)]
+    for i in range(n_posts):
+        text = texts[i % len(texts)]
+        if i >= len(
+            texts
+        ):  # a copy: edit a couple of words, so it is new text (near-dups are kept realistic)
+            words = text.split()
+            for _ in range(2):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS) + str(rng.randrange(1000)))
+            text = " ".join(words)
+        when = (t0 + timedelta(seconds=i * 7)).strftime("%a %b %d %H:%M:%S +0000 %Y")
+        status = {
+            "id": 10**17 + i,
+            "id_str": str(10**17 + i),
+            "created_at": when,
+            "full_text": text,
+            "user": {"id_str": str(rng.randrange(50_000)), "screen_name": "u"},
+            "lang": "und",
+            "favorite_count": rng.randrange(50),
+            "retweet_count": rng.randrange(5),
+            "entities": {"hashtags": [], "user_mentions": [], "urls": []},
+        }
+        files[i % n_files].write(orjson.dumps(status) + b"\n")
+    for f in files:
+        f.close()
+    return raw
+
+
+def run_stage(stage: str, raw: Path, work: Path, workers: int) -> dict:
+    """Run one stage in this process (called in a child); returns seconds and the rows it handled."""
+    from myna.data import pipeline
+
+    cfg = pipeline.PrepareConfig(workers=workers, force=True)
+    t0 = time.perf_counter()
+    if stage == "ingest":
+        s = pipeline.ingest([raw], work, cfg)
+        rows = s["posts"] + s["rejected"]
+    elif stage == "clean":
+        s = pipeline.clean(work, cfg)
+        rows = s["input"]
+    elif stage == "dedup":
+        s = pipeline.dedup_and_split(work, cfg)
+        rows = s["input"]
+    else:
+        if not (work / "tokenizer.json").exists():
+            pipeline.build_tokenizer(work, cfg)
+        s = pipeline.tokenize(work, cfg)
+        rows = s["train"]["docs"] + s["val"]["docs"]
+    secs = time.perf_counter() - t0
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    return {"seconds": secs, "rows": rows, "peak_mib": peak / 1024}
+
+
+def child(stage: str, raw: Path, work: Path, workers: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        stage,
+        "--raw",
+        str(raw),
+        "--work",
+        str(work),
+        "--workers",
+        str(workers),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def tokenizer_bench(work: Path, runs: int) -> list[tuple[str, str]]:
+    """Tokenizer training time on the corpus, and encode MB/s of Myna's path beside tiktoken on the same text."""
+    import pyarrow.parquet as pq
+
+    from myna.tokenizer import Tokenizer, train_tokenizer
+
+    texts = pq.read_table(work / "corpus.parquet", columns=["text"]).column(0).to_pylist()[:200_000]
+    t0 = time.perf_counter()
+    train_tokenizer(texts, 8192, work / "bench_tok.json")
+    train_s = time.perf_counter() - t0
+    tok = Tokenizer.from_file(work / "bench_tok.json")
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    enc = tok.tiktoken
+    ours, theirs = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        tok.encode_batch(texts, num_threads=1)
+        ours.append(mb / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        enc.encode_ordinary_batch(texts, num_threads=1)
+        theirs.append(mb / (time.perf_counter() - t0))
+    o, t = statistics.median(ours), statistics.median(theirs)
+    return [
+        ("tokenizer training (200k posts, vocab 8192)", f"{train_s:.1f} s"),
+        ("encode, Myna (1 thread)", f"{o:.1f} MB/s"),
+        ("encode, tiktoken (1 thread)", f"{t:.1f} MB/s"),
+        ("encode ratio Myna / tiktoken", f"{o / t:.2f}x"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--posts", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--child")
+    ap.add_argument("--raw")
+    ap.add_argument("--work")
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_stage(args.child, Path(args.raw), Path(args.work), args.workers)))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        raw = make_corpus(args.posts, tmp)
+        print(f"corpus: {args.posts:,} posts in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        cells: dict[tuple[str, int], list[dict]] = {}
+        for workers in (1, 2):
+            work = tmp / f"w{workers}"
+            for _ in range(args.runs):
+                for stage in STAGES:
+                    r = child(stage, raw, work, workers)
+                    cells.setdefault((stage, workers), []).append(r)
+                    print(
+                        f"{stage} workers={workers}: {r['rows'] / r['seconds']:,.0f} posts/s", file=sys.stderr
+                    )
+        table = Table(
+            title=f"bench/data.py: {args.posts:,} posts, median of {args.runs} runs, {os.cpu_count()} cores"
+        )
+        for col in (
+            "stage",
+            "posts/s, 1 worker",
+            "posts/s, 2 workers",
+            "2w / 1w",
+            "peak RSS 1w",
+            "peak RSS 2w",
+        ):
+            table.add_column(col, justify="right" if col != "stage" else "left")
+        for stage in STAGES:
+            rate = {w: statistics.median(r["rows"] / r["seconds"] for r in cells[(stage, w)]) for w in (1, 2)}
+            peak = {w: max(r["peak_mib"] for r in cells[(stage, w)]) for w in (1, 2)}
+            table.add_row(
+                stage,
+                f"{rate[1]:,.0f}",
+                f"{rate[2]:,.0f}",
+                f"{rate[2] / rate[1]:.2f}x",
+                f"{peak[1]:,.0f} MiB",
+                f"{peak[2]:,.0f} MiB",
+            )
+        both = {
+            w: args.posts
+            / sum(statistics.median(r["seconds"] for r in cells[(s, w)]) for s in ("ingest", "clean"))
+            for w in (1, 2)
+        }
+        table.add_row(
+            "ingest + clean", f"{both[1]:,.0f}", f"{both[2]:,.0f}", f"{both[2] / both[1]:.2f}x", "", ""
+        )
+        Console().print(table)
+        tt = Table(title="tokenizer")
+        tt.add_column("measure")
+        tt.add_column("value", justify="right")
+        for row in tokenizer_bench(tmp / "w1", args.runs):
+            tt.add_row(*row)
+        Console().print(tt)
+
+
+if __name__ == "__main__":
+    main()

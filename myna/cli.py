@@ -1,0 +1,169 @@
+"""The `myna` command: one verb per stage, each a thin layer over a function that tests call directly."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from myna.progress import console, log
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+def _prepare_config(args: argparse.Namespace):
+    from myna.data.pipeline import PrepareConfig
+
+    cfg = PrepareConfig(force=args.force)
+    if args.workers:
+        cfg.workers = args.workers
+    if getattr(args, "format", None):
+        cfg.format = args.format
+    if getattr(args, "vocab_size", None):
+        cfg.vocab_size = args.vocab_size
+    if getattr(args, "val_fraction", None) is not None:
+        cfg.val_fraction = args.val_fraction
+    if getattr(args, "mask_handles", False):
+        cfg.clean.mask_handles = True
+    if getattr(args, "mask_urls", False):
+        cfg.clean.mask_urls = True
+    if getattr(args, "langs", None):
+        cfg.clean.languages = set(args.langs.split(","))
+    if getattr(args, "no_near_dedup", False):
+        cfg.dedup.near = False
+    if getattr(args, "dedup_threshold", None):
+        cfg.dedup.threshold = args.dedup_threshold
+    return cfg
+
+
+def print_funnel(funnel: dict) -> None:
+    t = Table(title="data funnel", title_justify="left")
+    t.add_column("stage / reason")
+    t.add_column("posts", justify="right")
+    t.add_column("share", justify="right")
+    n = max(1, funnel["input"])
+    t.add_row("input", f"{funnel['input']:,}", "100.0%")
+    t.add_row("rejected (unreadable)", f"{funnel['rejected']:,}", f"{100 * funnel['rejected'] / n:.1f}%")
+    for reason, count in funnel["dropped"].items():
+        t.add_row(f"dropped: {reason}", f"{count:,}", f"{100 * count / n:.1f}%")
+    t.add_row("[bold]kept", f"[bold]{funnel['kept']:,}", f"[bold]{100 * funnel['kept'] / n:.1f}%")
+    t.add_row("  train / val", f"{funnel['split']['train']:,} / {funnel['split']['val']:,}", "")
+    if funnel["pii_scrubbed"]:
+        t.add_row(
+            "pii scrubbed (kept)", ", ".join(f"{k} {v:,}" for k, v in funnel["pii_scrubbed"].items()), ""
+        )
+    conv = funnel["conversations"]
+    if conv["input"]:
+        t.add_row("conversations read / rejected", f"{conv['kept']:,} / {conv['rejected']:,}", "")
+    console.print(t)
+
+
+def print_summary(summary: dict) -> None:
+    print_funnel(summary["funnel"])
+    thr, shd = summary["threads"], summary["shards"]
+    log(
+        f"dialogues: {thr['dialogues_from_threads']:,} from reply trees + {thr['dialogues_from_conversations']:,} "
+        f"from conversation files; preference pairs: {thr['prefs']:,}"
+    )
+    log(
+        f"tokenizer: vocab {summary['tokenizer']['vocab_size']:,}; shards: "
+        + ", ".join(
+            f"{s} {v['tokens']:,} tokens ({v['bytes_per_token']} bytes/token)"
+            for s, v in shd.items()
+            if s in ("train", "val")
+        )
+    )
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from myna.data import pipeline
+
+    cfg = _prepare_config(args)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if args.stage == "prepare":
+        summary = pipeline.prepare(args.inputs, out, cfg)
+        print_summary(summary)
+        log(f"[green]data ready in {out} ({time.perf_counter() - t0:.1f} s)")
+        return
+    if args.stage == "ingest":
+        result = pipeline.ingest(args.inputs, out, cfg)
+    elif args.inputs:
+        sys.exit(f"myna data {args.stage} reads {out}; it takes no INPUT (got {args.inputs})")
+    else:
+        result = {
+            "clean": pipeline.clean,
+            "dedup": pipeline.dedup_and_split,
+            "threads": pipeline.build_dialogues,
+            "tokenizer": pipeline.build_tokenizer,
+            "tokenize": pipeline.tokenize,
+        }[args.stage](out, cfg)
+    print(json.dumps(result, indent=1, default=str))
+
+
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    from myna.data import pipeline
+
+    sample = Path(args.sample)
+    if not sample.is_dir():
+        sys.exit(f"sample data not found at {sample}: pass --sample DIR (the repository's data/sample)")
+    out = Path(args.out)
+    cfg = _prepare_config(args)
+    t0 = time.perf_counter()
+    log(f"[bold]speedrun[/bold] on {sample} -> {out}")
+    summary = pipeline.prepare([sample / "posts", sample / "conversations"], out / "data", cfg)
+    print_summary(summary)
+    log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="myna", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def data_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workers", type=int, help="worker processes (default: all cores, at most 8)")
+        sp.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
+        sp.add_argument(
+            "--val-fraction", type=float, help="share of posts held out for validation (default 0.02)"
+        )
+        sp.add_argument(
+            "--mask-handles", action="store_true", help="replace @handles with @user (as BERTweet does)"
+        )
+        sp.add_argument(
+            "--mask-urls", action="store_true", help="replace URLs with 'http' (as BERTweet does)"
+        )
+        sp.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,es (default: all)")
+        sp.add_argument("--no-near-dedup", action="store_true", help="exact de-duplication only")
+        sp.add_argument("--dedup-threshold", type=float, help="Jaccard threshold for near duplicates")
+        sp.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+
+    d = sub.add_parser("data", help="raw dumps -> corpus, dialogues, prefs, tokenizer, token shards")
+    d.add_argument(
+        "stage", choices=["prepare", "ingest", "clean", "dedup", "threads", "tokenizer", "tokenize"]
+    )
+    d.add_argument("inputs", nargs="*", help="files or folders (prepare and ingest)")
+    d.add_argument("--out", required=True, help="data directory")
+    d.add_argument("--format", help="force one reader for every input (default: detect per file)")
+    data_flags(d)
+    d.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("speedrun", help="the whole pipeline on the bundled sample")
+    s.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
+    s.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
+    data_flags(s)
+    s.set_defaults(fn=cmd_speedrun)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"myna {args.verb}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

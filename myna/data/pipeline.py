@@ -1,0 +1,536 @@
+"""The data pipeline: raw dumps -> posts -> clean corpus -> dialogues, prefs -> tokenizer -> token shards.
+
+Each stage is a function from files in a run directory to files in the same directory, so it can be called from
+Python, the CLI or a test, and re-entered after a crash: a stage whose outputs exist and whose stamp (a hash of its
+parameters and of its inputs' sizes and mtimes) is unchanged is skipped.
+
+Layout of a data directory:
+    posts.parquet        every ingested post, one schema (myna.data.schema)
+    rejects.jsonl        every record that could not be read or parsed: file, line, reason, snippet
+    conversations.jsonl  dialogues read from conversation files (customer-care threads and the like)
+    clean.parquet        posts after the filters of myna.data.clean (intermediate)
+    corpus.parquet       clean.parquet minus duplicates, with a `split` column ("train" or "val")
+    funnel.json          input = kept + sum(dropped) + rejected, with a count per reason
+    dialogues.jsonl      OpenAI-messages dialogues from reply trees and conversation files
+    prefs.jsonl          preference pairs from sibling replies' likes
+    tokenizer.json       byte-level BPE
+    shards/{train,val}/  token shards
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
+
+from myna.data import readers, threads
+from myna.data.clean import CleanConfig, clean_posts, normalise, scrub_pii
+from myna.data.dedup import DedupConfig, dedup
+from myna.data.schema import POST_SCHEMA, Reject, posts_to_table
+from myna.data.shards import ShardWriter
+from myna.data.threads import ThreadConfig
+from myna.io import atomic_path, atomic_write
+from myna.progress import Progress, log
+from myna.tokenizer import Tokenizer, train_tokenizer
+
+CORPUS_SCHEMA = POST_SCHEMA.append(pa.field("split", pa.string(), nullable=False))
+
+
+@dataclass
+class PrepareConfig:
+    format: str | None = None  # force one reader for every input; None = detect per file
+    read: readers.ReadOptions = field(default_factory=readers.ReadOptions)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    threads: ThreadConfig = field(default_factory=ThreadConfig)
+    val_fraction: float = 0.02  # share of kept posts held out (the latest ones when timestamps exist)
+    seed: int = 1337
+    vocab_size: int = 8192
+    tokenizer_max_docs: int = 2_000_000  # BPE training sees at most this many train posts
+    workers: int = max(1, min(os.cpu_count() or 1, 8))
+    batch_rows: int = 20_000  # posts per batch handed to a worker
+    force: bool = False  # rerun stages even when their stamps say they are up to date
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping: stamps for skip-if-fresh, and a bounded parallel map
+
+
+def _stamp(name: str, out: Path, inputs: list[Path], params: dict) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for p in inputs:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _run_stage(
+    name: str,
+    out: Path,
+    inputs: list[Path],
+    outputs: list[str],
+    params: dict,
+    force: bool,
+    fn: Callable[[], dict],
+) -> dict:
+    """Run fn unless the stage's outputs exist and its stamp matches; returns the stage's summary."""
+    stamp_path = out / ".stages" / f"{name}.json"
+    stamp = _stamp(name, out, inputs, params)
+    if not force and stamp_path.exists() and all((out / o).exists() for o in outputs):
+        saved = json.loads(stamp_path.read_text())
+        if saved.get("stamp") == stamp:
+            log(f"[dim]{name}: up to date, skipped[/dim]")
+            return saved["summary"]
+    t0 = time.perf_counter()
+    summary = fn()
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    with atomic_write(stamp_path, "w") as f:
+        json.dump({"stamp": stamp, "summary": summary}, f, indent=1)
+    return summary
+
+
+def _pool(workers: int) -> ProcessPoolExecutor | contextlib.nullcontext:
+    """A process pool for workers > 1; one worker runs in-process (`with _pool(1) as pool` gives None)."""
+    # spawn, not fork: pyarrow and tiktoken keep threads that a fork would copy mid-flight
+    return (
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        if workers > 1
+        else contextlib.nullcontext()
+    )
+
+
+def bounded_map(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, window: int) -> Iterator:
+    """map() over a process pool, in order, with at most `window` items in flight (constant memory)."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: list[Future] = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
+
+
+def _config_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("force", None)
+    d.pop("workers", None)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: ingest
+
+
+def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand folders into the files under them (sorted, hidden files and provenance notes left out)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                and f.suffix.lower() not in (".md", ".txt.md", ".license")
+                and "LICENSE" not in f.name
+            )
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return files
+
+
+def _ingest_file(task: tuple[Path, str | None, readers.ReadOptions, Path]) -> dict:
+    """Read one input file into a Parquet part (posts) or a JSONL part (conversations), plus its rejects."""
+    path, fmt, options, part_dir = task
+    fmt = fmt or readers.detect_format(path)
+    stem = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    rejects: list[dict] = []
+    n_ok = 0
+    if fmt == "conversations":
+        part = part_dir / f"{stem}.conversations.jsonl"
+        with atomic_write(part, "wb") as f:
+            for rec in threads.read_conversations(path):
+                if isinstance(rec, Reject):
+                    rejects.append(rec.to_dict())
+                else:
+                    f.write(orjson.dumps(rec) + b"\n")
+                    n_ok += 1
+    else:
+        part = part_dir / f"{stem}.parquet"
+        with atomic_path(part) as tmp, pq.ParquetWriter(tmp, POST_SCHEMA, compression="zstd") as w:
+            batch: list[dict] = []
+            for rec in readers.read_posts(path, fmt, options):
+                if isinstance(rec, Reject):
+                    rejects.append(rec.to_dict())
+                    continue
+                batch.append(rec)
+                if len(batch) >= 20_000:
+                    w.write_table(posts_to_table(batch))
+                    n_ok += len(batch)
+                    batch = []
+            if batch:
+                w.write_table(posts_to_table(batch))
+                n_ok += len(batch)
+    return {
+        "file": str(path),
+        "format": fmt,
+        "part": str(part),
+        "ok": n_ok,
+        "rejects": rejects,
+        "bytes": path.stat().st_size,
+    }
+
+
+def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """Raw files (any supported format, mixed) -> posts.parquet, conversations.jsonl, rejects.jsonl."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    files = list_inputs(inputs)
+    if not files:
+        raise ValueError("no input files given")
+    params = {"files": [str(f) for f in files], "format": cfg.format, "read": dataclasses.asdict(cfg.read)}
+
+    def run() -> dict:
+        part_dir = out / ".parts" / "ingest"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        tasks = [(f, cfg.format, cfg.read, part_dir) for f in files]
+        results = []
+        total_bytes = sum(f.stat().st_size for f in files)
+        with (
+            Progress("ingest", total=total_bytes, unit="B") as bar,
+            _pool(min(cfg.workers, len(files))) as pool,
+        ):
+            for r in bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers):
+                results.append(r)
+                bar.advance(r["bytes"], f"{Path(r['file']).name} ({r['format']})")
+        summary = {"files": {}, "posts": 0, "conversations": 0, "rejected": 0, "conversations_rejected": 0}
+        with (
+            atomic_path(out / "posts.parquet") as tmp_posts,
+            pq.ParquetWriter(tmp_posts, POST_SCHEMA, compression="zstd") as pw,
+            atomic_write(out / "conversations.jsonl", "wb") as cf,
+            atomic_write(out / "rejects.jsonl", "wb") as rf,
+        ):
+            for r in results:
+                part = Path(r["part"])
+                conv = r["format"] == "conversations"
+                if conv:
+                    cf.write(part.read_bytes())
+                    summary["conversations"] += r["ok"]
+                    summary["conversations_rejected"] += len(r["rejects"])
+                else:
+                    for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
+                        pw.write_batch(batch)
+                    summary["posts"] += r["ok"]
+                    summary["rejected"] += len(r["rejects"])
+                for rej in r["rejects"]:
+                    rf.write(orjson.dumps({"stage": "ingest", **rej}) + b"\n")
+                summary["files"][r["file"]] = {
+                    "format": r["format"],
+                    "ok": r["ok"],
+                    "rejected": len(r["rejects"]),
+                }
+                part.unlink()
+        return summary
+
+    return _run_stage(
+        "ingest",
+        out,
+        files,
+        ["posts.parquet", "conversations.jsonl", "rejects.jsonl"],
+        params,
+        cfg.force,
+        run,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: clean
+
+
+def _clean_batch(task: tuple[pa.RecordBatch, CleanConfig]) -> tuple[pa.Table, Counter, Counter, int]:
+    batch, ccfg = task
+    res = clean_posts(batch.to_pylist(), ccfg)
+    return posts_to_table(res.kept), res.dropped, res.pii, batch.num_rows
+
+
+def clean(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """posts.parquet -> clean.parquet, counting every drop by reason."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    src = out / "posts.parquet"
+
+    def run() -> dict:
+        pf = pq.ParquetFile(src)
+        dropped: Counter = Counter()
+        pii: Counter = Counter()
+        kept = 0
+        tasks = ((b, cfg.clean) for b in pf.iter_batches(batch_size=cfg.batch_rows))
+        with (
+            Progress("clean", total=pf.metadata.num_rows, unit="posts") as bar,
+            _pool(cfg.workers) as pool,
+            atomic_path(out / "clean.parquet") as tmp,
+            pq.ParquetWriter(tmp, POST_SCHEMA, compression="zstd") as w,
+        ):
+            for table, d, p, n in bounded_map(_clean_batch, tasks, pool, window=2 * cfg.workers):
+                w.write_table(table)
+                kept += table.num_rows
+                dropped.update(d)
+                pii.update(p)
+                bar.advance(n)
+        return {"input": pf.metadata.num_rows, "kept": kept, "dropped": dict(dropped), "pii": dict(pii)}
+
+    return _run_stage(
+        "clean", out, [src], ["clean.parquet"], {"clean": dataclasses.asdict(cfg.clean)}, cfg.force, run
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: de-duplicate and split
+
+
+def assign_split(table: pa.Table, val_fraction: float, seed: int) -> np.ndarray:
+    """True for val rows: the latest posts among those with a timestamp, a seeded random share of the others."""
+    n = table.num_rows
+    is_val = np.zeros(n, dtype=bool)
+    if n == 0 or val_fraction <= 0:
+        return is_val
+    has_time = np.asarray(table.column("created_at").is_valid())
+    n_timed = int(has_time.sum())
+    if n_timed:
+        # nulls sort first, so the last n_val rows of the order are the latest timestamped posts
+        order = np.asarray(pc.sort_indices(table, sort_keys=[("created_at", "ascending", "at_start")]))
+        n_val = max(1, round(n_timed * val_fraction))
+        is_val[order[n - n_val :]] = True
+    untimed = np.flatnonzero(~has_time)
+    if len(untimed):
+        ids = table.column("id").take(pa.array(untimed)).to_pylist()
+        cutoff = int(val_fraction * 2**32)
+        is_val[untimed] = [xxhash.xxh32_intdigest(i.encode(), seed) < cutoff for i in ids]
+    return is_val
+
+
+def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """clean.parquet -> corpus.parquet: duplicates removed (the earliest post kept), each post given a split."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    src = out / "clean.parquet"
+
+    def run() -> dict:
+        table = pq.read_table(src)
+        log(f"dedup: {table.num_rows:,} posts")
+        dcfg = dataclasses.replace(cfg.dedup, workers=cfg.workers)
+        res = dedup(table, dcfg)
+        corpus = table.filter(pa.array(res.keep))
+        is_val = assign_split(corpus, cfg.val_fraction, cfg.seed)
+        corpus = corpus.append_column("split", pa.array(np.where(is_val, "val", "train")))
+        with atomic_path(out / "corpus.parquet") as tmp:
+            pq.write_table(corpus, tmp, compression="zstd", row_group_size=65_536)
+        return {
+            "input": table.num_rows,
+            "kept": corpus.num_rows,
+            "dropped": dict(res.dropped),
+            "train": int((~is_val).sum()),
+            "val": int(is_val.sum()),
+        }
+
+    params = {"dedup": _config_dict(cfg.dedup), "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    return _run_stage("dedup", out, [src], ["corpus.parquet"], params, cfg.force, run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 4: threads -> dialogues and preference pairs
+
+
+def _scrub_dialogue(record: dict, pii: Counter) -> dict:
+    """Dialogues get the corpus's normalisation and PII scrubbing: they are training text too."""
+    for m in [*record.get("messages", ()), *record.get("prompt", ())]:
+        m["content"] = scrub_pii(normalise(m["content"]), pii)
+    for key in ("chosen", "rejected"):
+        if key in record:
+            record[key] = scrub_pii(normalise(record[key]), pii)
+    return record
+
+
+def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """posts.parquet reply trees + conversations.jsonl -> dialogues.jsonl and prefs.jsonl."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    inputs = [out / "posts.parquet", out / "conversations.jsonl"]
+
+    def run() -> dict:
+        cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
+        res = threads.build_threads(pq.read_table(inputs[0], columns=cols), cfg.threads)
+        pii: Counter = Counter()
+        n_conv = 0
+        with atomic_write(out / "dialogues.jsonl", "wb") as f:
+            for d in res.dialogues:
+                f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
+            with open(inputs[1], "rb") as conv:
+                for line in conv:
+                    f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
+                    n_conv += 1
+        with atomic_write(out / "prefs.jsonl", "wb") as f:
+            for p in res.prefs:
+                f.write(orjson.dumps(_scrub_dialogue(p, pii)) + b"\n")
+        return {
+            "dialogues_from_threads": len(res.dialogues),
+            "dialogues_from_conversations": n_conv,
+            "prefs": len(res.prefs),
+            "pii_scrubbed": dict(pii),
+            "threads": res.stats,
+        }
+
+    params = {"threads": dataclasses.asdict(cfg.threads)}
+    return _run_stage("threads", out, inputs, ["dialogues.jsonl", "prefs.jsonl"], params, cfg.force, run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 5: tokenizer and token shards
+
+
+def _texts(corpus: Path, split: str, limit: int | None = None) -> Iterator[str]:
+    n = 0
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=65_536, columns=["text", "split"]):
+        texts = batch.column(0).filter(pc.equal(batch.column(1), split)).to_pylist()
+        for t in texts:
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield t
+
+
+def build_tokenizer(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """corpus.parquet (train split) -> tokenizer.json."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    src = out / "corpus.parquet"
+
+    def run() -> dict:
+        log(f"tokenizer: training byte-level BPE, vocab {cfg.vocab_size:,}")
+        tok = train_tokenizer(
+            _texts(src, "train", cfg.tokenizer_max_docs), cfg.vocab_size, out / "tokenizer.json"
+        )
+        return {"vocab_size": tok.vocab_size}
+
+    params = {"vocab_size": cfg.vocab_size, "max_docs": cfg.tokenizer_max_docs}
+    return _run_stage("tokenizer", out, [src], ["tokenizer.json"], params, cfg.force, run)
+
+
+def tokenize(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """corpus.parquet + tokenizer.json -> shards/train/*.bin and shards/val/*.bin (each post starts with bos)."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    inputs = [out / "corpus.parquet", out / "tokenizer.json"]
+
+    def run() -> dict:
+        tok = Tokenizer.from_file(inputs[1])
+        summary = {}
+        n_rows = pq.ParquetFile(inputs[0]).metadata.num_rows
+        with Progress("tokenize", total=n_rows, unit="posts") as bar:
+            for split in ("train", "val"):
+                shard_dir = out / "shards" / split
+                for old in shard_dir.glob("*.bin"):
+                    old.unlink()  # a rerun must not mix old shards with new ones
+                n_docs = n_tokens = n_bytes = 0
+                with ShardWriter(shard_dir, split, tok.vocab_size) as w:
+                    batch: list[str] = []
+                    for text in _texts(inputs[0], split):
+                        batch.append(text)
+                        if len(batch) == 8192:
+                            n_tokens += _write_docs(tok, w, batch, cfg.workers)
+                            n_docs += len(batch)
+                            n_bytes += sum(len(t.encode()) for t in batch)
+                            bar.advance(len(batch))
+                            batch = []
+                    if batch:
+                        n_tokens += _write_docs(tok, w, batch, cfg.workers)
+                        n_docs += len(batch)
+                        n_bytes += sum(len(t.encode()) for t in batch)
+                        bar.advance(len(batch))
+                summary[split] = {
+                    "docs": n_docs,
+                    "tokens": n_tokens,
+                    "bytes": n_bytes,
+                    "bytes_per_token": round(n_bytes / max(1, n_tokens), 3),
+                }
+        return summary
+
+    return _run_stage("tokenize", out, inputs, ["shards/train", "shards/val"], {}, cfg.force, run)
+
+
+def _write_docs(tok: Tokenizer, w: ShardWriter, texts: list[str], threads_: int) -> int:
+    n = 0
+    for ids in tok.encode_batch(texts, num_threads=threads_):
+        w.add(ids)
+        n += len(ids)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All stages
+
+
+def write_funnel(out: Path, ing: dict, cln: dict, ddp: dict) -> dict:
+    """funnel.json: input = kept + sum(dropped) + rejected, checked here so a broken count never gets written."""
+    dropped = Counter(cln["dropped"]) + Counter(ddp["dropped"])
+    funnel = {
+        "input": ing["posts"] + ing["rejected"],
+        "kept": ddp["kept"],
+        "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+        "rejected": ing["rejected"],
+        "pii_scrubbed": cln["pii"],
+        "split": {"train": ddp["train"], "val": ddp["val"]},
+        "conversations": {
+            "input": ing["conversations"] + ing["conversations_rejected"],
+            "kept": ing["conversations"],
+            "rejected": ing["conversations_rejected"],
+        },
+    }
+    if funnel["input"] != funnel["kept"] + sum(dropped.values()) + funnel["rejected"]:
+        raise RuntimeError(f"funnel does not add up: {funnel}")
+    with atomic_write(out / "funnel.json", "w") as f:
+        json.dump(funnel, f, indent=2)
+    return funnel
+
+
+def prepare(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """Every stage, in order; returns a summary with the funnel and each stage's numbers."""
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ing = ingest(inputs, out, cfg)
+    cln = clean(out, cfg)
+    ddp = dedup_and_split(out, cfg)
+    funnel = write_funnel(out, ing, cln, ddp)
+    thr = build_dialogues(out, cfg)
+    tkn = build_tokenizer(out, cfg)
+    shd = tokenize(out, cfg)
+    return {
+        "funnel": funnel,
+        "ingest": ing,
+        "clean": cln,
+        "dedup": ddp,
+        "threads": thr,
+        "tokenizer": tkn,
+        "shards": shd,
+    }

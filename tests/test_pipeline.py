@@ -1,0 +1,199 @@
+"""End-to-end: real sample files (plus deliberately bad ones) through every stage of `myna data prepare`."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from myna.data import pipeline
+from myna.data.shards import read_shard
+from myna.tokenizer import Tokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+def _head_lines(src: Path, dst: Path, n: int) -> int:
+    """Copy the first n lines of a (gzipped) sample file; returns how many were copied."""
+    opener = gzip.open if src.suffix == ".gz" else open
+    with (
+        opener(src, "rt", encoding="utf-8", newline="") as f,
+        open(dst, "w", encoding="utf-8", newline="") as out,
+    ):
+        lines = [line for _, line in zip(range(n), f, strict=False)]
+        out.writelines(lines)
+    return len(lines)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, dict]:
+    """A small mixed input folder: text, CSV, v1.1, v2, archive, conversations, and three broken files."""
+    d = tmp_path_factory.mktemp("raw")
+    expected = {}
+    expected["text"] = _head_lines(SAMPLE / "posts" / "sentiment140_positive.txt.gz", d / "s140.txt", 3000)
+    expected["csv"] = _head_lines(SAMPLE / "posts" / "crisislex_t26.csv.gz", d / "crisis.csv", 1501) - 1
+    for name in ("v1/get_search.json", "v2/geo_tweets.jsonl", "archive/tweet.js"):
+        src = SAMPLE / "api" / name
+        (d / src.name).write_bytes(src.read_bytes())
+    conv = sorted((SAMPLE / "conversations").glob("*.conversations.jsonl*"))[0]
+    expected["conversations"] = _head_lines(conv, d / "conv.conversations.jsonl", 200)
+    (d / "broken.jsonl").write_bytes(b'{"id": "1", "text": "fine"}\n{not json\n{"id": "3"}\n')
+    (d / "empty.txt").write_bytes(b"")
+    (d / "badutf8.txt").write_bytes(b"good line\n\xff\xfe bad bytes\n")
+    return d, expected
+
+
+@pytest.fixture(scope="module")
+def prepared(inputs, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    cfg = pipeline.PrepareConfig(vocab_size=512, workers=2)
+    summary = pipeline.prepare([inputs[0]], out, cfg)
+    return out, summary
+
+
+def test_funnel_adds_up_and_counts_every_input_record(prepared, inputs):
+    out, summary = prepared
+    funnel = json.loads((out / "funnel.json").read_text())
+    assert funnel == summary["funnel"]
+    assert funnel["input"] == funnel["kept"] + sum(funnel["dropped"].values()) + funnel["rejected"]
+    # every line of the text and CSV files is one input record; the API files add more
+    assert funnel["input"] > inputs[1]["text"] + inputs[1]["csv"]
+    assert funnel["kept"] == pq.ParquetFile(out / "corpus.parquet").metadata.num_rows
+    # the text sample repeats lines, CrisisLex has retweets: both must show up as reasons
+    assert funnel["dropped"].get("exact_duplicate", 0) > 0
+    assert funnel["dropped"].get("repost", 0) > 0
+    assert funnel["conversations"]["kept"] == inputs[1]["conversations"]
+
+
+def test_bad_records_are_rejected_with_file_line_and_reason(prepared):
+    out, _ = prepared
+    rejects = [orjson.loads(line) for line in (out / "rejects.jsonl").read_bytes().splitlines()]
+    by_file = {}
+    for r in rejects:
+        by_file.setdefault(Path(r["file"]).name, []).append(r)
+    assert sorted(r["line"] for r in by_file["broken.jsonl"]) == [2, 3]
+    assert all(r["reason"] for r in rejects)
+    assert [r["line"] for r in by_file["badutf8.txt"]] == [2]
+    assert "empty.txt" not in by_file  # an empty file is no error and yields nothing
+
+
+def test_corpus_split_is_temporal_and_shards_decode_back_to_the_corpus(prepared):
+    out, summary = prepared
+    corpus = pq.read_table(out / "corpus.parquet")
+    split = np.array(corpus.column("split").to_pylist())
+    assert set(split) == {"train", "val"}
+    times = corpus.column("created_at").to_pylist()
+    val_times = [t for t, s in zip(times, split, strict=True) if s == "val" and t is not None]
+    train_times = [t for t, s in zip(times, split, strict=True) if s == "train" and t is not None]
+    assert val_times and min(val_times) >= max(train_times)  # timestamped posts: the latest are val
+    untimed_val = [s for t, s in zip(times, split, strict=True) if t is None and s == "val"]
+    assert 0 < len(untimed_val) < 0.1 * len(split)  # the rest: a seeded random share
+
+    tok = Tokenizer.from_file(out / "tokenizer.json")
+    for name in ("train", "val"):
+        tokens = np.concatenate(
+            [np.asarray(read_shard(p)) for p in sorted((out / "shards" / name).glob("*.bin"))]
+        )
+        docs = [tok.decode(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == tok.bos_id))[1:]]
+        texts = [t for t, s in zip(corpus.column("text").to_pylist(), split, strict=True) if s == name]
+        assert [d.removeprefix("<|bos|>") for d in docs] == texts
+        assert summary["shards"][name]["docs"] == len(texts)
+
+
+def test_dialogues_and_prefs_are_written(prepared, inputs):
+    out, summary = prepared
+    dialogues = [orjson.loads(line) for line in (out / "dialogues.jsonl").read_bytes().splitlines()]
+    assert len(dialogues) == summary["threads"]["dialogues_from_threads"] + inputs[1]["conversations"]
+    for d in dialogues:
+        roles = [m["role"] for m in d["messages"] if m["role"] != "system"]
+        assert len(roles) >= 2 and roles[-1] == "assistant"
+    assert (out / "prefs.jsonl").exists()
+
+
+def test_rerun_skips_fresh_stages_and_redoes_changed_ones(prepared, inputs):
+    out, _ = prepared
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / ".stages").iterdir()}
+    corpus_mtime = (out / "corpus.parquet").stat().st_mtime_ns
+    cfg = pipeline.PrepareConfig(vocab_size=512, workers=1)
+    pipeline.prepare([inputs[0]], out, cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / ".stages").iterdir()} == stamps
+    assert (out / "corpus.parquet").stat().st_mtime_ns == corpus_mtime
+    cfg.val_fraction = 0.05  # changes the dedup+split stage and everything after it, not ingest or clean
+    pipeline.prepare([inputs[0]], out, cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / ".stages").iterdir()}
+    assert after["ingest.json"] == stamps["ingest.json"] and after["clean.json"] == stamps["clean.json"]
+    assert after["dedup.json"] != stamps["dedup.json"] and after["tokenize.json"] != stamps["tokenize.json"]
+
+
+def test_a_crash_mid_stage_keeps_finished_work(inputs, tmp_path, monkeypatch):
+    cfg = pipeline.PrepareConfig(vocab_size=300, workers=1)
+    pipeline.ingest([inputs[0]], tmp_path, cfg)
+    pipeline.clean(tmp_path, cfg)
+    posts_before = (tmp_path / "posts.parquet").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-stage")
+
+    monkeypatch.setattr(pipeline, "dedup", boom)
+    with pytest.raises(RuntimeError):
+        pipeline.prepare([inputs[0]], tmp_path, cfg)
+    assert (tmp_path / "posts.parquet").read_bytes() == posts_before
+    assert not (tmp_path / "corpus.parquet").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    summary = pipeline.prepare([inputs[0]], tmp_path, cfg)
+    assert summary["funnel"]["kept"] > 0
+
+
+def test_cli_prepare_and_speedrun(inputs, tmp_path):
+    sample = tmp_path / "sample"
+    (sample / "posts").mkdir(parents=True)
+    (sample / "conversations").mkdir()
+    _head_lines(SAMPLE / "posts" / "sentiment140_negative.txt.gz", sample / "posts" / "neg.txt", 2000)
+    _head_lines(
+        inputs[0] / "conv.conversations.jsonl", sample / "conversations" / "c.conversations.jsonl", 50
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "myna",
+            "speedrun",
+            "--sample",
+            str(sample),
+            "--out",
+            str(tmp_path / "run"),
+            "--vocab-size",
+            "400",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "data funnel" in run.stderr and "kept" in run.stderr
+    assert (tmp_path / "run" / "data" / "shards" / "train").is_dir()
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "myna",
+            "data",
+            "prepare",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "input not found" in bad.stderr
