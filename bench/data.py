@@ -5,7 +5,8 @@
 
 The corpus is the bundled real sample multiplied with variations (each copy gets other ids, authors, timestamps and
 a few edited words) written as Twitter API v1.1 JSON lines in 8 files, so ingest parallelises over files as it would
-on a real dump. Each stage runs in a fresh subprocess so its peak RSS is its own. Prints a table: median of the runs.
+on a real dump; the API labels each post's language, so clean does not run language identification on them. The
+same texts as plain lines (no language given) measure ingest + clean with fastText language identification. Each stage runs in a fresh subprocess so its peak RSS is its own. Prints a table: median of the runs.
 """
 
 import argparse
@@ -39,19 +40,23 @@ def real_texts() -> list[str]:
     return texts
 
 
-def make_corpus(n_posts: int, out: Path, n_files: int = 8, seed: int = 0) -> Path:
-    """n_posts v1.1 status objects: real texts, varied so that exact dedup does not collapse the copies."""
+def make_corpus(n_posts: int, out: Path, n_files: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """n_posts real texts, varied so that exact dedup does not collapse the copies, written twice: as v1.1 status
+    objects carrying `lang` as Twitter's API does (raw/), and as plain text lines with no language (text/)."""
+    from myna.data.clean import detect_language
+
     rng = random.Random(seed)
     texts = real_texts()
+    langs = [detect_language(t)[0] for t in texts]  # once per real text, as the API would have labelled it
     t0 = datetime(2020, 1, 1, tzinfo=UTC)
-    raw = out / "raw"
+    raw, plain = out / "raw", out / "text"
     raw.mkdir(parents=True, exist_ok=True)
+    plain.mkdir(parents=True, exist_ok=True)
     files = [open(raw / f"dump_{i:02d}.jsonl", "wb") for i in range(n_files)]
+    lines = [open(plain / f"dump_{i:02d}.txt", "w", encoding="utf-8") for i in range(n_files)]
     for i in range(n_posts):
         text = texts[i % len(texts)]
-        if i >= len(
-            texts
-        ):  # a copy: edit a couple of words, so it is new text (near-dups are kept realistic)
+        if i >= len(texts):  # a copy: a couple of words inserted, so exact dedup does not collapse it
             words = text.split()
             for _ in range(2):
                 words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS) + str(rng.randrange(1000)))
@@ -63,15 +68,16 @@ def make_corpus(n_posts: int, out: Path, n_files: int = 8, seed: int = 0) -> Pat
             "created_at": when,
             "full_text": text,
             "user": {"id_str": str(rng.randrange(50_000)), "screen_name": "u"},
-            "lang": "und",
+            "lang": langs[i % len(texts)],
             "favorite_count": rng.randrange(50),
             "retweet_count": rng.randrange(5),
             "entities": {"hashtags": [], "user_mentions": [], "urls": []},
         }
         files[i % n_files].write(orjson.dumps(status) + b"\n")
-    for f in files:
+        lines[i % n_files].write(text.replace("\n", " ") + "\n")
+    for f in files + lines:
         f.close()
-    return raw
+    return raw, plain
 
 
 def run_stage(stage: str, raw: Path, work: Path, workers: int) -> dict:
@@ -80,6 +86,10 @@ def run_stage(stage: str, raw: Path, work: Path, workers: int) -> dict:
 
     cfg = pipeline.PrepareConfig(workers=workers, force=True)
     t0 = time.perf_counter()
+    if stage == "tokenizer":
+        return {"seconds": 0, "rows": 0, "peak_mib": 0, **pipeline.build_tokenizer(work, cfg)}
+    if stage == "tokenizer":
+        return {"seconds": 0, "rows": 0, "peak_mib": 0, **pipeline.build_tokenizer(work, cfg)}
     if stage == "ingest":
         s = pipeline.ingest([raw], work, cfg)
         rows = s["posts"] + s["rejected"]
@@ -90,8 +100,6 @@ def run_stage(stage: str, raw: Path, work: Path, workers: int) -> dict:
         s = pipeline.dedup_and_split(work, cfg)
         rows = s["input"]
     else:
-        if not (work / "tokenizer.json").exists():
-            pipeline.build_tokenizer(work, cfg)
         s = pipeline.tokenize(work, cfg)
         rows = s["train"]["docs"] + s["val"]["docs"]
     secs = time.perf_counter() - t0
@@ -168,18 +176,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        raw = make_corpus(args.posts, tmp)
+        raw, plain = make_corpus(args.posts, tmp)
         print(f"corpus: {args.posts:,} posts in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         cells: dict[tuple[str, int], list[dict]] = {}
         for workers in (1, 2):
-            work = tmp / f"w{workers}"
             for _ in range(args.runs):
-                for stage in STAGES:
-                    r = child(stage, raw, work, workers)
-                    cells.setdefault((stage, workers), []).append(r)
-                    print(
-                        f"{stage} workers={workers}: {r['rows'] / r['seconds']:,.0f} posts/s", file=sys.stderr
-                    )
+                for corpus, stages in ((raw, STAGES), (plain, ["ingest", "clean"])):
+                    work = tmp / f"{corpus.name}-w{workers}"
+                    for stage in stages:
+                        if stage == "tokenize" and not (work / "tokenizer.json").exists():
+                            child("tokenizer", corpus, work, workers)  # trained once, outside the timing
+                        r = child(stage, corpus, work, workers)
+                        key = stage if corpus is raw else f"{stage} (text)"
+                        cells.setdefault((key, workers), []).append(r)
+                        rate = r["rows"] / r["seconds"]
+                        print(f"{key} workers={workers}: {rate:,.0f} posts/s", file=sys.stderr)
         table = Table(
             title=f"bench/data.py: {args.posts:,} posts, median of {args.runs} runs, {os.cpu_count()} cores"
         )
@@ -192,7 +203,7 @@ def main() -> None:
             "peak RSS 2w",
         ):
             table.add_column(col, justify="right" if col != "stage" else "left")
-        for stage in STAGES:
+        for stage in [*STAGES, "ingest (text)", "clean (text)"]:
             rate = {w: statistics.median(r["rows"] / r["seconds"] for r in cells[(stage, w)]) for w in (1, 2)}
             peak = {w: max(r["peak_mib"] for r in cells[(stage, w)]) for w in (1, 2)}
             table.add_row(
@@ -203,19 +214,20 @@ def main() -> None:
                 f"{peak[1]:,.0f} MiB",
                 f"{peak[2]:,.0f} MiB",
             )
-        both = {
-            w: args.posts
-            / sum(statistics.median(r["seconds"] for r in cells[(s, w)]) for s in ("ingest", "clean"))
-            for w in (1, 2)
-        }
-        table.add_row(
-            "ingest + clean", f"{both[1]:,.0f}", f"{both[2]:,.0f}", f"{both[2] / both[1]:.2f}x", "", ""
-        )
+        for name, pair in (
+            ("ingest + clean, v1.1 JSON (lang given)", ("ingest", "clean")),
+            ("ingest + clean, text (lang detected)", ("ingest (text)", "clean (text)")),
+        ):
+            secs = {
+                w: sum(statistics.median(r["seconds"] for r in cells[(s, w)]) for s in pair) for w in (1, 2)
+            }
+            both = {w: args.posts / secs[w] for w in (1, 2)}
+            table.add_row(name, f"{both[1]:,.0f}", f"{both[2]:,.0f}", f"{both[2] / both[1]:.2f}x", "", "")
         Console().print(table)
         tt = Table(title="tokenizer")
         tt.add_column("measure")
         tt.add_column("value", justify="right")
-        for row in tokenizer_bench(tmp / "w1", args.runs):
+        for row in tokenizer_bench(tmp / "raw-w1", args.runs):
             tt.add_row(*row)
         Console().print(tt)
 

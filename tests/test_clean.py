@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from myna.data.clean import CleanConfig, clean_posts, normalise, scrub_pii, source_language
-from myna.data.schema import new_post
+from myna.data.clean import CleanConfig, clean_posts, clean_table, normalise, scrub_pii, source_language
+from myna.data.schema import POST_SCHEMA, new_post, posts_to_table
 
 TEXT = Path(__file__).parent / "fixtures" / "text"
 UMSAB = {"ar": "arabic", "de": "german", "en": "english", "es": "spanish", "fr": "french", "it": "italian"}
@@ -211,3 +211,17 @@ def test_bad_text_names_the_post():
     post["text"] = None
     with pytest.raises(TypeError, match=r"'42'.*dump.jsonl:7.*'text'"):
         clean_posts([post], CleanConfig())
+
+
+def test_clean_table_matches_clean_posts_on_real_tweets():
+    posts = posts_of(TWEETS)
+    for i, p in enumerate(posts[:200]):  # some carry their own language and are reposts
+        p["lang"] = "en" if i % 3 == 0 else None
+        p["repost_of_id"] = "1" if i % 17 == 0 else None
+    cfg = CleanConfig(languages={"en"})
+    expected = clean_posts(posts, cfg)
+    kept, dropped, pii = clean_table(posts_to_table(posts), cfg)
+    assert kept.schema == POST_SCHEMA
+    assert kept.to_pylist() == posts_to_table(expected.kept).to_pylist()
+    assert dropped == expected.dropped and pii == expected.pii
+    assert dropped["repost"] >= 10 and dropped["lang"] > 0

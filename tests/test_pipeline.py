@@ -1,5 +1,6 @@
 """End-to-end: real sample files (plus deliberately bad ones) through every stage of `myna data prepare`."""
 
+import csv
 import gzip
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from myna.data import pipeline
+from myna.data.dedup import DedupConfig, dedup
 from myna.data.shards import read_shard
 from myna.tokenizer import Tokenizer
 
@@ -42,6 +44,20 @@ def inputs(tmp_path_factory) -> tuple[Path, dict]:
         (d / src.name).write_bytes(src.read_bytes())
     conv = sorted((SAMPLE / "conversations").glob("*.conversations.jsonl*"))[0]
     expected["conversations"] = _head_lines(conv, d / "conv.conversations.jsonl", 200)
+    # near-duplicate pairs: a real post from 2019 and a lightly edited copy from 2026 (which would land in val if
+    # it survived); dedup must keep the 2019 post and drop the copy
+    lines = [line.strip() for line in (d / "s140.txt").read_text().splitlines()]
+    # one post per opening (after a leading handle): spam templates like "@x Get 100 followers a day" would be
+    # near-duplicates of each other, and only the first of them would rightly survive
+    openings = {" ".join(line.split()[1:6]): line for line in reversed(lines) if len(line.split()) >= 12}
+    long_posts = list(openings.values())[:30]
+    with open(d / "planted.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["tweet_id", "created_at", "text"])
+        for i, text in enumerate(long_posts):
+            w.writerow([f"9{i:03d}1", "2019-05-01T10:00:00Z", text])
+            w.writerow([f"9{i:03d}2", "2026-05-01T10:00:00Z", text + " !!"])
+    expected["planted"] = len(long_posts)
     (d / "broken.jsonl").write_bytes(b'{"id": "1", "text": "fine"}\n{not json\n{"id": "3"}\n')
     (d / "empty.txt").write_bytes(b"")
     (d / "badutf8.txt").write_bytes(b"good line\n\xff\xfe bad bytes\n")
@@ -105,6 +121,19 @@ def test_corpus_split_is_temporal_and_shards_decode_back_to_the_corpus(prepared)
         assert summary["shards"][name]["docs"] == len(texts)
 
 
+def test_near_duplicates_are_gone_and_none_crosses_the_split(prepared, inputs):
+    out, _ = prepared
+    corpus = pq.read_table(out / "corpus.parquet")
+    ids = set(corpus.column("id").to_pylist())
+    n = inputs[1]["planted"]
+    assert n >= 20
+    assert not any(f"9{i:03d}2" in ids for i in range(n))  # no later copy survives
+    assert sum(f"9{i:03d}1" in ids for i in range(n)) >= n - 2  # the originals do (bar a clean filter)
+    # the corpus holds no near-duplicate pair any more, so none can cross the train/val split
+    again = dedup(corpus, DedupConfig())
+    assert again.keep.all(), again.dropped
+
+
 def test_dialogues_and_prefs_are_written(prepared, inputs):
     out, summary = prepared
     dialogues = [orjson.loads(line) for line in (out / "dialogues.jsonl").read_bytes().splitlines()]
@@ -134,7 +163,7 @@ def test_a_crash_mid_stage_keeps_finished_work(inputs, tmp_path, monkeypatch):
     cfg = pipeline.PrepareConfig(vocab_size=300, workers=1)
     pipeline.ingest([inputs[0]], tmp_path, cfg)
     pipeline.clean(tmp_path, cfg)
-    posts_before = (tmp_path / "posts.parquet").read_bytes()
+    posts_before = [p.read_bytes() for p in sorted((tmp_path / "posts").iterdir())]
 
     def boom(*a, **k):
         raise RuntimeError("killed mid-stage")
@@ -142,9 +171,9 @@ def test_a_crash_mid_stage_keeps_finished_work(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "dedup", boom)
     with pytest.raises(RuntimeError):
         pipeline.prepare([inputs[0]], tmp_path, cfg)
-    assert (tmp_path / "posts.parquet").read_bytes() == posts_before
+    assert [p.read_bytes() for p in sorted((tmp_path / "posts").iterdir())] == posts_before
     assert not (tmp_path / "corpus.parquet").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.undo()
     summary = pipeline.prepare([inputs[0]], tmp_path, cfg)
     assert summary["funnel"]["kept"] > 0

@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from myna.data.shards import (
-    HEADER_SIZE,
-    MAGIC,
-    ShardWriter,
-    TokenLoader,
-    read_shard,
-    shard_info,
-)
+from myna.data.loader import TokenLoader
+from myna.data.shards import HEADER_SIZE, MAGIC, ShardWriter, read_shard, shard_info
 from myna.tokenizer import train_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tok" / "tweets.txt"
@@ -72,6 +66,18 @@ def test_round_trip_uint32(tmp_path: Path):
 def test_long_document_gets_its_own_shard(tmp_path: Path):
     paths = write(tmp_path, [[5] * 10, list(range(1, 50)), [7] * 3], vocab_size=300, shard_tokens=20)
     assert [shard_info(p).num_tokens for p in paths] == [11, 50, 4]
+
+
+@pytest.mark.parametrize("shard_tokens", [7, 64, 2**20])
+def test_add_many_writes_the_same_bytes_as_add(tmp_path: Path, shard_tokens: int):
+    docs = [list(d) for d in tweet_docs()[:300]] + [[], [5] * 100, [9]]
+    one = write(tmp_path / "one", docs, 4096, shard_tokens)
+    with ShardWriter(tmp_path / "many", "train", 4096, shard_tokens=shard_tokens) as w:
+        for i in range(0, len(docs), 37):  # chunks that do not line up with shard boundaries
+            w.add_many(docs[i : i + 37])
+    many = sorted((tmp_path / "many").glob("*.bin"))
+    assert [p.name for p in many] == [p.name for p in one]
+    assert [p.read_bytes() for p in many] == [p.read_bytes() for p in one]
 
 
 def test_bad_documents_are_rejected(tmp_path: Path):

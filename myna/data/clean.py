@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import fasttext
+import pyarrow as pa
 
 
 @dataclass
@@ -245,35 +246,63 @@ def _repetition_reason(text: str, n_tokens: int, cfg: CleanConfig) -> str | None
     return None
 
 
+def _clean_one(post: dict, cfg: CleanConfig, pii: Counter) -> tuple[str, str] | str:
+    """(clean text, lang) for a kept post, or the drop reason. Reads `text`, `lang`, `repost_of_id`, `id`, `source`."""
+    raw = post["text"]
+    if not isinstance(raw, str):
+        raise TypeError(
+            f"post {post.get('id')!r} from {post.get('source')!r}: field 'text' must be str, "
+            f"got {type(raw).__name__}"
+        )
+    text = normalise(raw)
+    reason = _drop_reason(post, text, cfg)
+    if reason is not None:
+        return reason
+    lang = source_language(post.get("lang"))
+    if lang is None and (cfg.detect_language or cfg.languages is not None):
+        lang, prob = detect_language(text)
+        if prob < cfg.min_lang_confidence:
+            lang = "und"
+    if cfg.languages is not None and lang not in cfg.languages:
+        return "lang"
+    if cfg.scrub_pii:
+        text = scrub_pii(text, pii)
+    if cfg.mask_handles:
+        text = _HANDLE.sub("@user", text)
+    if cfg.mask_urls:
+        text = _HTTP_TOKEN.sub("http", text)
+    return text, lang or "und"
+
+
 def clean_posts(posts: list[dict], cfg: CleanConfig) -> CleanResult:
     """Normalise and filter posts; kept posts are new dicts with cleaned `text` and `lang` set."""
     result = CleanResult(kept=[])
-    dropped, pii = result.dropped, result.pii
     for post in posts:
-        raw = post.get("text")
-        if not isinstance(raw, str):
-            raise TypeError(
-                f"post {post.get('id')!r} from {post.get('source')!r}: field 'text' must be str, "
-                f"got {type(raw).__name__}"
-            )
-        text = normalise(raw)
-        reason = _drop_reason(post, text, cfg)
-        if reason is not None:
-            dropped[reason] += 1
-            continue
-        lang = source_language(post.get("lang"))
-        if lang is None and (cfg.detect_language or cfg.languages is not None):
-            lang, prob = detect_language(text)
-            if prob < cfg.min_lang_confidence:
-                lang = "und"
-        if cfg.languages is not None and lang not in cfg.languages:
-            dropped["lang"] += 1
-            continue
-        if cfg.scrub_pii:
-            text = scrub_pii(text, pii)
-        if cfg.mask_handles:
-            text = _HANDLE.sub("@user", text)
-        if cfg.mask_urls:
-            text = _HTTP_TOKEN.sub("http", text)
-        result.kept.append({**post, "text": text, "lang": lang or "und"})
+        out = _clean_one(post, cfg, result.pii)
+        if isinstance(out, str):
+            result.dropped[out] += 1
+        else:
+            result.kept.append({**post, "text": out[0], "lang": out[1]})
     return result
+
+
+def clean_table(table: pa.Table, cfg: CleanConfig) -> tuple[pa.Table, Counter, Counter]:
+    """clean_posts over an Arrow table: only the columns the filters read become Python objects, and the kept
+    rows are taken from the table as they are (the pipeline's path; a whole-row dict per post costs more than
+    most filters). Returns (kept table, dropped per reason, pii replacements per kind)."""
+    dropped: Counter = Counter()
+    pii: Counter = Counter()
+    rows, texts, langs = [], [], []
+    for i, post in enumerate(table.select(["id", "source", "text", "lang", "repost_of_id"]).to_pylist()):
+        out = _clean_one(post, cfg, pii)
+        if isinstance(out, str):
+            dropped[out] += 1
+        else:
+            rows.append(i)
+            texts.append(out[0])
+            langs.append(out[1])
+    kept = table.take(pa.array(rows, pa.int64()))
+    for name, values in (("text", texts), ("lang", langs)):
+        i = kept.schema.get_field_index(name)
+        kept = kept.set_column(i, kept.schema.field(i), pa.array(values, pa.string()))
+    return kept, dropped, pii

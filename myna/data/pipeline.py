@@ -5,10 +5,10 @@ Python, the CLI or a test, and re-entered after a crash: a stage whose outputs e
 parameters and of its inputs' sizes and mtimes) is unchanged is skipped.
 
 Layout of a data directory:
-    posts.parquet        every ingested post, one schema (myna.data.schema)
+    posts/               every ingested post, one schema (myna.data.schema), as Parquet parts (one per input file)
     rejects.jsonl        every record that could not be read or parsed: file, line, reason, snippet
     conversations.jsonl  dialogues read from conversation files (customer-care threads and the like)
-    clean.parquet        posts after the filters of myna.data.clean (intermediate)
+    clean/               posts after the filters of myna.data.clean, as Parquet parts (intermediate)
     corpus.parquet       clean.parquet minus duplicates, with a `split` column ("train" or "val")
     funnel.json          input = kept + sum(dropped) + rejected, with a count per reason
     dialogues.jsonl      OpenAI-messages dialogues from reply trees and conversation files
@@ -38,16 +38,16 @@ import pyarrow.parquet as pq
 import xxhash
 
 from myna.data import readers, threads
-from myna.data.clean import CleanConfig, clean_posts, normalise, scrub_pii
+from myna.data.clean import CleanConfig, clean_table, normalise, scrub_pii
 from myna.data.dedup import DedupConfig, dedup
 from myna.data.schema import POST_SCHEMA, Reject, posts_to_table
 from myna.data.shards import ShardWriter
 from myna.data.threads import ThreadConfig
-from myna.io import atomic_path, atomic_write
+from myna.io import atomic_dir, atomic_path, atomic_write
 from myna.progress import Progress, log
 from myna.tokenizer import Tokenizer, train_tokenizer
 
-CORPUS_SCHEMA = POST_SCHEMA.append(pa.field("split", pa.string(), nullable=False))
+PART_ROWS = 50_000  # posts per Parquet row group: the unit of work handed to a clean worker
 
 
 @dataclass
@@ -62,7 +62,6 @@ class PrepareConfig:
     vocab_size: int = 8192
     tokenizer_max_docs: int = 2_000_000  # BPE training sees at most this many train posts
     workers: int = max(1, min(os.cpu_count() or 1, 8))
-    batch_rows: int = 20_000  # posts per batch handed to a worker
     force: bool = False  # rerun stages even when their stamps say they are up to date
 
 
@@ -159,16 +158,15 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _ingest_file(task: tuple[Path, str | None, readers.ReadOptions, Path]) -> dict:
-    """Read one input file into a Parquet part (posts) or a JSONL part (conversations), plus its rejects."""
-    path, fmt, options, part_dir = task
+def _ingest_file(task: tuple[int, Path, str | None, readers.ReadOptions, Path]) -> dict:
+    """Read one input file into a Parquet part of posts (or a JSONL part of conversations), plus its rejects."""
+    index, path, fmt, options, part_dir = task
     fmt = fmt or readers.detect_format(path)
-    stem = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     rejects: list[dict] = []
     n_ok = 0
     if fmt == "conversations":
-        part = part_dir / f"{stem}.conversations.jsonl"
-        with atomic_write(part, "wb") as f:
+        part = part_dir / f"conversations-{index:05d}.jsonl"
+        with open(part, "wb") as f:
             for rec in threads.read_conversations(path):
                 if isinstance(rec, Reject):
                     rejects.append(rec.to_dict())
@@ -176,25 +174,25 @@ def _ingest_file(task: tuple[Path, str | None, readers.ReadOptions, Path]) -> di
                     f.write(orjson.dumps(rec) + b"\n")
                     n_ok += 1
     else:
-        part = part_dir / f"{stem}.parquet"
-        with atomic_path(part) as tmp, pq.ParquetWriter(tmp, POST_SCHEMA, compression="zstd") as w:
+        part = part_dir / f"part-{index:05d}.parquet"
+        with pq.ParquetWriter(part, POST_SCHEMA, compression="zstd") as w:
             batch: list[dict] = []
             for rec in readers.read_posts(path, fmt, options):
                 if isinstance(rec, Reject):
                     rejects.append(rec.to_dict())
                     continue
                 batch.append(rec)
-                if len(batch) >= 20_000:
-                    w.write_table(posts_to_table(batch))
+                if len(batch) >= PART_ROWS:
+                    w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
                     n_ok += len(batch)
                     batch = []
             if batch:
-                w.write_table(posts_to_table(batch))
+                w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
                 n_ok += len(batch)
     return {
         "file": str(path),
         "format": fmt,
-        "part": str(part),
+        "part": part.name,
         "ok": n_ok,
         "rejects": rejects,
         "bytes": path.stat().st_size,
@@ -202,7 +200,7 @@ def _ingest_file(task: tuple[Path, str | None, readers.ReadOptions, Path]) -> di
 
 
 def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """Raw files (any supported format, mixed) -> posts.parquet, conversations.jsonl, rejects.jsonl."""
+    """Raw files (any supported format, mixed) -> posts/ (Parquet parts), conversations.jsonl, rejects.jsonl."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
     files = list_inputs(inputs)
@@ -211,55 +209,39 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | N
     params = {"files": [str(f) for f in files], "format": cfg.format, "read": dataclasses.asdict(cfg.read)}
 
     def run() -> dict:
-        part_dir = out / ".parts" / "ingest"
-        part_dir.mkdir(parents=True, exist_ok=True)
-        tasks = [(f, cfg.format, cfg.read, part_dir) for f in files]
-        results = []
-        total_bytes = sum(f.stat().st_size for f in files)
-        with (
-            Progress("ingest", total=total_bytes, unit="B") as bar,
-            _pool(min(cfg.workers, len(files))) as pool,
-        ):
-            for r in bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers):
-                results.append(r)
-                bar.advance(r["bytes"], f"{Path(r['file']).name} ({r['format']})")
         summary = {"files": {}, "posts": 0, "conversations": 0, "rejected": 0, "conversations_rejected": 0}
         with (
-            atomic_path(out / "posts.parquet") as tmp_posts,
-            pq.ParquetWriter(tmp_posts, POST_SCHEMA, compression="zstd") as pw,
+            atomic_dir(out / "posts") as part_dir,
             atomic_write(out / "conversations.jsonl", "wb") as cf,
             atomic_write(out / "rejects.jsonl", "wb") as rf,
         ):
-            for r in results:
-                part = Path(r["part"])
-                conv = r["format"] == "conversations"
-                if conv:
-                    cf.write(part.read_bytes())
-                    summary["conversations"] += r["ok"]
-                    summary["conversations_rejected"] += len(r["rejects"])
-                else:
-                    for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
-                        pw.write_batch(batch)
-                    summary["posts"] += r["ok"]
-                    summary["rejected"] += len(r["rejects"])
-                for rej in r["rejects"]:
-                    rf.write(orjson.dumps({"stage": "ingest", **rej}) + b"\n")
-                summary["files"][r["file"]] = {
-                    "format": r["format"],
-                    "ok": r["ok"],
-                    "rejected": len(r["rejects"]),
-                }
-                part.unlink()
+            tasks = [(i, f, cfg.format, cfg.read, part_dir) for i, f in enumerate(files)]
+            with (
+                Progress("ingest", total=sum(f.stat().st_size for f in files), unit="B") as bar,
+                _pool(min(cfg.workers, len(files))) as pool,
+            ):
+                for r in bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers):
+                    bar.advance(r["bytes"], f"{Path(r['file']).name} ({r['format']})")
+                    if r["format"] == "conversations":
+                        part = part_dir / r["part"]
+                        cf.write(part.read_bytes())
+                        part.unlink()
+                        summary["conversations"] += r["ok"]
+                        summary["conversations_rejected"] += len(r["rejects"])
+                    else:
+                        summary["posts"] += r["ok"]
+                        summary["rejected"] += len(r["rejects"])
+                    for rej in r["rejects"]:
+                        rf.write(orjson.dumps({"stage": "ingest", **rej}) + b"\n")
+                    summary["files"][r["file"]] = {
+                        "format": r["format"],
+                        "ok": r["ok"],
+                        "rejected": len(r["rejects"]),
+                    }
         return summary
 
     return _run_stage(
-        "ingest",
-        out,
-        files,
-        ["posts.parquet", "conversations.jsonl", "rejects.jsonl"],
-        params,
-        cfg.force,
-        run,
+        "ingest", out, files, ["posts", "conversations.jsonl", "rejects.jsonl"], params, cfg.force, run
     )
 
 
@@ -267,41 +249,54 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | N
 # Stage 2: clean
 
 
-def _clean_batch(task: tuple[pa.RecordBatch, CleanConfig]) -> tuple[pa.Table, Counter, Counter, int]:
-    batch, ccfg = task
-    res = clean_posts(batch.to_pylist(), ccfg)
-    return posts_to_table(res.kept), res.dropped, res.pii, batch.num_rows
+def parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet"))
+
+
+def read_parts(folder: Path, columns: list[str] | None = None) -> pa.Table:
+    """A folder of Parquet parts as one table, in part order."""
+    tables = [pq.read_table(p, columns=columns) for p in parts(folder)]
+    return (
+        pa.concat_tables(tables) if tables else POST_SCHEMA.empty_table().select(columns or POST_SCHEMA.names)
+    )
+
+
+def _clean_row_group(task: tuple[int, Path, int, CleanConfig, Path]) -> tuple[int, Counter, Counter, int]:
+    """Clean one row group of a posts part into its own clean part (written by the worker, not sent back)."""
+    index, src, row_group, ccfg, dst_dir = task
+    batch = pq.ParquetFile(src).read_row_group(row_group)
+    kept, dropped, pii = clean_table(batch, ccfg)
+    pq.write_table(kept, dst_dir / f"part-{index:06d}.parquet", compression="zstd")
+    return kept.num_rows, dropped, pii, batch.num_rows
 
 
 def clean(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """posts.parquet -> clean.parquet, counting every drop by reason."""
+    """posts/ -> clean/, counting every drop by reason."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
-    src = out / "posts.parquet"
+    src = parts(out / "posts")
 
     def run() -> dict:
-        pf = pq.ParquetFile(src)
         dropped: Counter = Counter()
         pii: Counter = Counter()
-        kept = 0
-        tasks = ((b, cfg.clean) for b in pf.iter_batches(batch_size=cfg.batch_rows))
+        kept = total = 0
+        groups = [(p, g) for p in src for g in range(pq.ParquetFile(p).num_row_groups)]
+        n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in src)
         with (
-            Progress("clean", total=pf.metadata.num_rows, unit="posts") as bar,
+            atomic_dir(out / "clean") as dst,
+            Progress("clean", total=n_rows, unit="posts") as bar,
             _pool(cfg.workers) as pool,
-            atomic_path(out / "clean.parquet") as tmp,
-            pq.ParquetWriter(tmp, POST_SCHEMA, compression="zstd") as w,
         ):
-            for table, d, p, n in bounded_map(_clean_batch, tasks, pool, window=2 * cfg.workers):
-                w.write_table(table)
-                kept += table.num_rows
+            tasks = [(i, p, g, cfg.clean, dst) for i, (p, g) in enumerate(groups)]
+            for n_kept, d, p, n in bounded_map(_clean_row_group, tasks, pool, window=2 * cfg.workers):
+                kept += n_kept
+                total += n
                 dropped.update(d)
                 pii.update(p)
                 bar.advance(n)
-        return {"input": pf.metadata.num_rows, "kept": kept, "dropped": dict(dropped), "pii": dict(pii)}
+        return {"input": total, "kept": kept, "dropped": dict(dropped), "pii": dict(pii)}
 
-    return _run_stage(
-        "clean", out, [src], ["clean.parquet"], {"clean": dataclasses.asdict(cfg.clean)}, cfg.force, run
-    )
+    return _run_stage("clean", out, src, ["clean"], {"clean": dataclasses.asdict(cfg.clean)}, cfg.force, run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,13 +325,13 @@ def assign_split(table: pa.Table, val_fraction: float, seed: int) -> np.ndarray:
 
 
 def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """clean.parquet -> corpus.parquet: duplicates removed (the earliest post kept), each post given a split."""
+    """clean/ -> corpus.parquet: duplicates removed (the earliest post kept), each post given a split."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
-    src = out / "clean.parquet"
+    src = parts(out / "clean")
 
     def run() -> dict:
-        table = pq.read_table(src)
+        table = read_parts(out / "clean")
         log(f"dedup: {table.num_rows:,} posts")
         dcfg = dataclasses.replace(cfg.dedup, workers=cfg.workers)
         res = dedup(table, dcfg)
@@ -354,7 +349,7 @@ def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
         }
 
     params = {"dedup": _config_dict(cfg.dedup), "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    return _run_stage("dedup", out, [src], ["corpus.parquet"], params, cfg.force, run)
+    return _run_stage("dedup", out, src, ["corpus.parquet"], params, cfg.force, run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,20 +367,20 @@ def _scrub_dialogue(record: dict, pii: Counter) -> dict:
 
 
 def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """posts.parquet reply trees + conversations.jsonl -> dialogues.jsonl and prefs.jsonl."""
+    """posts/ reply trees + conversations.jsonl -> dialogues.jsonl and prefs.jsonl."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
-    inputs = [out / "posts.parquet", out / "conversations.jsonl"]
+    inputs = [*parts(out / "posts"), out / "conversations.jsonl"]
 
     def run() -> dict:
         cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
-        res = threads.build_threads(pq.read_table(inputs[0], columns=cols), cfg.threads)
+        res = threads.build_threads(read_parts(out / "posts", cols), cfg.threads)
         pii: Counter = Counter()
         n_conv = 0
         with atomic_write(out / "dialogues.jsonl", "wb") as f:
             for d in res.dialogues:
                 f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
-            with open(inputs[1], "rb") as conv:
+            with open(out / "conversations.jsonl", "rb") as conv:
                 for line in conv:
                     f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
                     n_conv += 1
@@ -444,46 +439,32 @@ def tokenize(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 
     def run() -> dict:
         tok = Tokenizer.from_file(inputs[1])
-        summary = {}
-        n_rows = pq.ParquetFile(inputs[0]).metadata.num_rows
-        with Progress("tokenize", total=n_rows, unit="posts") as bar:
-            for split in ("train", "val"):
-                shard_dir = out / "shards" / split
-                for old in shard_dir.glob("*.bin"):
-                    old.unlink()  # a rerun must not mix old shards with new ones
-                n_docs = n_tokens = n_bytes = 0
-                with ShardWriter(shard_dir, split, tok.vocab_size) as w:
-                    batch: list[str] = []
-                    for text in _texts(inputs[0], split):
-                        batch.append(text)
-                        if len(batch) == 8192:
-                            n_tokens += _write_docs(tok, w, batch, cfg.workers)
-                            n_docs += len(batch)
-                            n_bytes += sum(len(t.encode()) for t in batch)
-                            bar.advance(len(batch))
-                            batch = []
-                    if batch:
-                        n_tokens += _write_docs(tok, w, batch, cfg.workers)
-                        n_docs += len(batch)
-                        n_bytes += sum(len(t.encode()) for t in batch)
-                        bar.advance(len(batch))
-                summary[split] = {
-                    "docs": n_docs,
-                    "tokens": n_tokens,
-                    "bytes": n_bytes,
-                    "bytes_per_token": round(n_bytes / max(1, n_tokens), 3),
-                }
-        return summary
+        corpus = pq.ParquetFile(inputs[0])
+        counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("train", "val")}
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for split in counts:  # each split's folder is swapped in whole, so no run mixes with an older one
+                folder = stack.enter_context(atomic_dir(out / "shards" / split))
+                writers[split] = stack.enter_context(
+                    ShardWriter(folder, split, tok.vocab_size, bos_id=tok.bos_id)
+                )
+            bar = stack.enter_context(Progress("tokenize", total=corpus.metadata.num_rows, unit="posts"))
+            for batch in corpus.iter_batches(batch_size=8192, columns=["text", "split"]):
+                for split, c in counts.items():
+                    texts = batch.column(0).filter(pc.equal(batch.column(1), split))
+                    ids = tok.encode_batch(texts.to_pylist(), num_threads=cfg.workers)
+                    writers[split].add_many(ids)
+                    c["docs"] += len(ids)
+                    c["tokens"] = writers[split].num_tokens  # bos included
+                    c["bytes"] += pc.sum(pc.binary_length(texts)).as_py() or 0
+                bar.advance(batch.num_rows)
+        for c in counts.values():
+            c["bytes_per_token"] = round(
+                c["bytes"] / max(1, c["tokens"] - c["docs"]), 3
+            )  # bos carries no text
+        return counts
 
     return _run_stage("tokenize", out, inputs, ["shards/train", "shards/val"], {}, cfg.force, run)
-
-
-def _write_docs(tok: Tokenizer, w: ShardWriter, texts: list[str], threads_: int) -> int:
-    n = 0
-    for ids in tok.encode_batch(texts, num_threads=threads_):
-        w.add(ids)
-        n += len(ids)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Token shards: a flat binary format, its atomic writer, a validating memmap reader and the training loader.
+"""Token shards: a flat binary format, its atomic writer and a validating memmap reader (numpy only: data workers
+import this module, and they should not pay for torch; the training loader is myna.data.loader).
 
 File layout of one shard `{prefix}_{i:06d}.bin` (all little-endian):
 
@@ -15,22 +16,15 @@ File layout of one shard `{prefix}_{i:06d}.bin` (all little-endian):
 The tokens are whole documents, each starting with bos (the writer adds it), so bos both starts and separates
 documents. A document is never split across shards: every shard starts with bos, and a shard holds more than
 `shard_tokens` only when one document alone is longer.
-
-The loader cuts each shard into windows of seq_len + 1 tokens that start every seq_len tokens (x = w[:-1],
-y = w[1:]); windows do not cross shards, so the last (len - 1) % seq_len tokens of a shard only ever appear as a
-target. Windows are numbered 0..N-1 across the shards in order; that sequence repeated forever (epochs) is the
-stream. A step takes the next batch_size * world_size windows of the stream and rank r keeps the ones whose index
-within the step is r mod world_size, so the ranks' rows together are exactly the single-process batch.
 """
 
+import itertools
 import struct
-from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from myna.io import atomic_write
 
@@ -137,30 +131,54 @@ class ShardWriter:
 
     def add(self, ids: Iterable[int] | np.ndarray) -> None:
         """Append one document: bos, then `ids`."""
+        self.add_many([ids if isinstance(ids, np.ndarray) else list(ids)])
+
+    def add_many(self, docs: Sequence[Sequence[int] | np.ndarray]) -> None:
+        """Append documents in order, as add() on each would, checking and converting them in one numpy pass."""
         if self._closed:
             raise ValueError(f"{self.out_dir}/{self.prefix}: writer is closed")
-        doc = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
-        if doc.size and not np.issubdtype(doc.dtype, np.integer):
-            raise ValueError(f"document {self.num_docs}: token ids must be integers, got dtype {doc.dtype}")
-        if doc.size:
-            lo, hi = int(doc.min()), int(doc.max())
-            if lo < 0 or hi >= self.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"document {self.num_docs}: token id {bad} outside 0..{self.vocab_size - 1}")
-            if (doc == self.bos_id).any():
-                raise ValueError(
-                    f"document {self.num_docs}: contains bos ({self.bos_id}); the writer adds it"
-                )
-        n = doc.size + 1
-        if self._file is not None and self._shard_count + n > self.shard_tokens:
-            self._finish_shard()
-        if self._file is None:
-            self._start_shard()
-        self._file.write(np.array([self.bos_id], dtype=self.dtype).tobytes())
-        self._file.write(doc.astype(self.dtype).tobytes())
-        self._shard_count += n
-        self.num_tokens += n
-        self.num_docs += 1
+        if not docs:
+            return
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        # via float64 (exact for every id below 2**53) so that a non-integer id is caught, not truncated
+        values = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.float64, count=int(lengths.sum()))
+        frac = np.flatnonzero(values != np.trunc(values))
+        if frac.size:
+            doc = self.num_docs + int(np.searchsorted(np.cumsum(lengths), int(frac[0]), side="right"))
+            raise ValueError(f"document {doc}: token ids must be integers, got {values[frac[0]]}")
+        flat = values.astype(np.int64)
+        ends = np.cumsum(lengths + 1)  # end of each document in the output, bos included
+        bad = np.flatnonzero((flat < 0) | (flat >= self.vocab_size) | (flat == self.bos_id))
+        if bad.size:
+            pos = int(bad[0])
+            doc = self.num_docs + int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+            if flat[pos] == self.bos_id:
+                raise ValueError(f"document {doc}: contains bos ({self.bos_id}); the writer adds it")
+            raise ValueError(f"document {doc}: token id {flat[pos]} outside 0..{self.vocab_size - 1}")
+        tokens = np.empty(int(ends[-1]), dtype=self.dtype)
+        starts = ends - lengths - 1
+        tokens[starts] = self.bos_id
+        body = np.ones(tokens.size, dtype=bool)
+        body[starts] = False
+        tokens[body] = flat
+        # write whole documents into the current shard while they fit; a full shard is finished first
+        done = 0  # documents written so far
+        while done < len(docs):
+            offset = int(starts[done])
+            room = self.shard_tokens - (self._shard_count if self._file is not None else 0)
+            fit = int(np.searchsorted(ends[done:] - offset, room, side="right"))
+            if fit == 0 and self._file is not None and self._shard_count > 0:
+                self._finish_shard()
+                continue
+            fit = max(fit, 1)  # a document longer than a whole shard gets a shard of its own
+            if self._file is None:
+                self._start_shard()
+            chunk = tokens[offset : int(ends[done + fit - 1])]
+            self._file.write(chunk.tobytes())
+            self._shard_count += chunk.size
+            self.num_tokens += chunk.size
+            self.num_docs += fit
+            done += fit
 
     def _start_shard(self) -> None:
         path = self.out_dir / f"{self.prefix}_{len(self.paths):06d}.bin"
@@ -203,97 +221,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _resolve_paths(paths_or_dir: str | Path | Iterable[str | Path]) -> list[Path]:
-    if isinstance(paths_or_dir, str | Path):
-        p = Path(paths_or_dir)
-        paths = sorted(p.glob("*.bin")) if p.is_dir() else [p]
-    else:
-        paths = [Path(p) for p in paths_or_dir]
-    if not paths:
-        raise ValueError(f"{paths_or_dir}: no shards (*.bin) found")
-    return paths
-
-
-class TokenLoader:
-    """Endless (x, y) int64 batches of shape (batch_size, seq_len) from token shards; see the module docstring."""
-
-    def __init__(
-        self,
-        paths_or_dir: str | Path | Iterable[str | Path],
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str | torch.device = "cpu",
-    ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} outside 0..world_size-1 (world_size={world_size})")
-        self.paths = _resolve_paths(paths_or_dir)
-        infos = [shard_info(p) for p in self.paths]
-        vocab_sizes = {i.vocab_size for i in infos}
-        if len(vocab_sizes) > 1:
-            raise ValueError(f"shards disagree on vocab_size {sorted(vocab_sizes)}: {self.paths[0]} ...")
-        self.vocab_size = infos[0].vocab_size
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.shards = [read_shard(p) for p in self.paths]
-        self._windows = [(len(s) - 1) // seq_len for s in self.shards]
-        self._first = np.cumsum([0, *self._windows]).tolist()  # global index of each shard's first window
-        self.num_windows = self._first[-1]
-        if self.num_windows == 0:
-            raise ValueError(f"{self.paths[0]} ...: no shard holds seq_len + 1 = {seq_len + 1} tokens")
-        self._epoch = 0
-        self._pos = 0  # index of the next window of the stream within the current epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.batch_size * self.world_size
-        rows = []
-        for j in range(self.rank, step, self.world_size):
-            g = (self._pos + j) % self.num_windows
-            s = bisect_right(self._first, g) - 1
-            start = (g - self._first[s]) * self.seq_len
-            rows.append(self.shards[s][start : start + self.seq_len + 1])
-        self._epoch += (self._pos + step) // self.num_windows
-        self._pos = (self._pos + step) % self.num_windows
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        if self.device.type == "cuda":
-            # One pinned copy of the (B, T+1) windows; x and y are views of it on the device.
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
-    def state_dict(self) -> dict:
-        """Where the stream stands (the same on every rank): JSON-able, for checkpoints."""
-        s = bisect_right(self._first, self._pos) - 1
-        return {
-            "epoch": self._epoch,
-            "shard": s,
-            "offset": (self._pos - self._first[s]) * self.seq_len,  # token offset of the next window
-            "seq_len": self.seq_len,
-            "shards": [[p.name, len(m)] for p, m in zip(self.paths, self.shards, strict=True)],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; the shards and seq_len must be the ones it was taken with."""
-        mine = [[p.name, len(m)] for p, m in zip(self.paths, self.shards, strict=True)]
-        if state["seq_len"] != self.seq_len or [list(x) for x in state["shards"]] != mine:
-            raise ValueError(
-                f"loader state was taken with seq_len={state['seq_len']} over {len(state['shards'])} shards; "
-                f"this loader has seq_len={self.seq_len} over {len(mine)} shards (or their names/sizes differ)"
-            )
-        shard, offset = state["shard"], state["offset"]
-        if (
-            not 0 <= shard < len(self.shards)
-            or offset % self.seq_len
-            or offset // self.seq_len >= self._windows[shard]
-        ):
-            raise ValueError(f"loader state points outside the data: shard {shard}, offset {offset}")
-        self._epoch = state["epoch"]
-        self._pos = self._first[shard] + offset // self.seq_len
