@@ -13,28 +13,42 @@ from myna.progress import console, log
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 
 
+def _csv_columns(spec: str) -> dict[str, str | int]:
+    """ "text=tweet,id=0" -> {"text": "tweet", "id": 0}: a Post field to a column name or 0-based index."""
+    columns: dict[str, str | int] = {}
+    for item in spec.split(","):
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"--csv-columns: expected FIELD=COLUMN pairs separated by commas, got {item!r}")
+        column = column.strip()
+        columns[field.strip()] = int(column) if column.isdigit() else column
+    return columns
+
+
 def _prepare_config(args: argparse.Namespace):
+    """PrepareConfig's defaults, overridden by the flags that were given."""
     from myna.data.pipeline import PrepareConfig
 
     cfg = PrepareConfig(force=args.force)
-    if args.workers:
-        cfg.workers = args.workers
-    if getattr(args, "format", None):
-        cfg.format = args.format
-    if getattr(args, "vocab_size", None):
-        cfg.vocab_size = args.vocab_size
-    if getattr(args, "val_fraction", None) is not None:
-        cfg.val_fraction = args.val_fraction
-    if getattr(args, "mask_handles", False):
-        cfg.clean.mask_handles = True
-    if getattr(args, "mask_urls", False):
-        cfg.clean.mask_urls = True
-    if getattr(args, "langs", None):
-        cfg.clean.languages = set(args.langs.split(","))
-    if getattr(args, "no_near_dedup", False):
-        cfg.dedup.near = False
-    if getattr(args, "dedup_threshold", None):
-        cfg.dedup.threshold = args.dedup_threshold
+    csv_columns = getattr(args, "csv_columns", None)
+    overrides = [
+        (cfg, "format", getattr(args, "format", None)),
+        (cfg, "workers", args.workers),
+        (cfg, "vocab_size", args.vocab_size),
+        (cfg, "val_fraction", args.val_fraction),
+        (cfg.read, "csv_columns", _csv_columns(csv_columns) if csv_columns else None),
+        (cfg.read, "csv_preset", getattr(args, "csv_preset", None)),
+        (cfg.clean, "mask_handles", args.mask_handles or None),
+        (cfg.clean, "mask_urls", args.mask_urls or None),
+        (cfg.clean, "languages", set(args.langs.split(",")) if args.langs else None),
+        (cfg.dedup, "near", False if args.no_near_dedup else None),
+        (cfg.dedup, "threshold", args.dedup_threshold),
+        (cfg.dedup, "shingle", args.shingle),
+        (cfg.dedup, "num_perm", args.num_perm),
+    ]
+    for obj, name, value in overrides:
+        if value is not None:
+            setattr(obj, name, value)
     return cfg
 
 
@@ -136,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,es (default: all)")
         sp.add_argument("--no-near-dedup", action="store_true", help="exact de-duplication only")
-        sp.add_argument("--dedup-threshold", type=float, help="Jaccard threshold for near duplicates")
+        sp.add_argument(
+            "--dedup-threshold", type=float, help="Jaccard similarity of near duplicates (default 0.8)"
+        )
+        sp.add_argument("--shingle", type=int, help="near-dedup shingle size in characters (default 5)")
+        sp.add_argument("--num-perm", type=int, help="MinHash permutations (default 64)")
         sp.add_argument("--force", action="store_true", help="rerun stages that are up to date")
 
     d = sub.add_parser("data", help="raw dumps -> corpus, dialogues, prefs, tokenizer, token shards")
@@ -146,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="*", help="files or folders (prepare and ingest)")
     d.add_argument("--out", required=True, help="data directory")
     d.add_argument("--format", help="force one reader for every input (default: detect per file)")
+    d.add_argument("--csv-columns", help="CSV column mapping, FIELD=NAME_OR_INDEX pairs: text=tweet,id=0")
+    d.add_argument("--csv-preset", choices=["sentiment140"], help="a known headerless CSV layout")
     data_flags(d)
     d.set_defaults(fn=cmd_data)
 

@@ -226,3 +226,56 @@ def test_cli_prepare_and_speedrun(inputs, tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "input not found" in bad.stderr
+
+
+def test_cli_ingest_with_a_csv_column_mapping(tmp_path):
+    rows = [line for line in (SAMPLE / "posts" / "PROVENANCE.md").read_text().splitlines() if line.strip()][
+        :5
+    ]
+    with open(tmp_path / "dump.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "when", "msg"])
+        for i, text in enumerate(rows):
+            w.writerow([f"u{i}", f"2024-01-0{i + 1}T00:00:00Z", text])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "myna",
+            "data",
+            "ingest",
+            str(tmp_path / "dump.csv"),
+            "--out",
+            str(tmp_path / "d"),
+            "--csv-columns",
+            "id=uid,created_at=when,text=msg",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    posts = pipeline.read_parts(tmp_path / "d" / "posts").to_pylist()
+    assert [p["text"] for p in posts] == rows
+    assert [p["id"] for p in posts] == [f"u{i}" for i in range(len(rows))]
+    assert posts[2]["created_at"].day == 3
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "myna",
+            "data",
+            "ingest",
+            str(tmp_path / "dump.csv"),
+            "--out",
+            str(tmp_path / "e"),
+            "--csv-columns",
+            "text",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "FIELD=COLUMN" in bad.stderr

@@ -323,3 +323,14 @@ def test_write_jsonl_round_trip(tmp_path):
     assert write_jsonl(path, dialogues) == 5
     assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == dialogues
     assert sorted(p.name for p in path.parent.iterdir()) == ["dialogues.jsonl"]  # no temp file left behind
+
+
+def test_truncated_conversation_file_keeps_what_was_read(tmp_path):
+    whole = gzip.decompress(TWCS.read_bytes()).splitlines(keepends=True)[:300]
+    packed = gzip.compress(b"".join(whole))
+    path = tmp_path / "cut.conversations.jsonl.gz"
+    path.write_bytes(packed[: len(packed) * 2 // 3])
+    records = list(read_conversations(path))
+    assert not isinstance(records[0], Reject) and len(records) > 50
+    assert isinstance(records[-1], Reject) and "truncated" in records[-1].reason
+    assert all(not isinstance(r, Reject) for r in records[:-1])

@@ -183,7 +183,7 @@ def _head(path: str) -> bytes:
     return head[:SNIFF_BYTES].removeprefix(b"\xef\xbb\xbf").lstrip()
 
 
-def _lines(path: str, limit: int) -> Iterator[tuple[int, bytes] | Reject]:
+def iter_lines(path: str, limit: int) -> Iterator[tuple[int, bytes] | Reject]:
     """(1-based line number, line without '\\n'), or a Reject for a line over `limit` bytes or a broken stream."""
     lineno = 0
     tail: list[bytes] = []  # the line that continues into the next chunk
@@ -414,7 +414,7 @@ def _json_records(path: str, options: ReadOptions) -> Iterator[tuple[object, int
 
 
 def _json_lines(path: str, limit: int) -> Iterator[tuple[object, int, bytes] | Reject]:
-    for item in _lines(path, limit):
+    for item in iter_lines(path, limit):
         if isinstance(item, Reject):
             yield item
             continue
@@ -855,7 +855,7 @@ class _CsvFeed:
         self.rejects: list[Reject] = []
 
     def lines(self) -> Iterator[str]:
-        for item in _lines(self.path, self.options.max_record_bytes):
+        for item in iter_lines(self.path, self.options.max_record_bytes):
             if isinstance(item, Reject):
                 self.rejects.append(item)
                 continue
@@ -882,7 +882,10 @@ def _csv_layout(
         columns, width = CSV_PRESETS[options.csv_preset]
         return dict(columns), width, bool(options.csv_header)
     header = options.csv_header
-    if header is None:
+    named = [c.strip().lower() for c in (options.csv_columns or {}).values() if isinstance(c, str)]
+    if header is None and named:  # a mapping by name says the first row is the header when it holds the names
+        header = all(name in names for name in named)
+    elif header is None:
         header = any(name in aliases for name in names for aliases in CSV_ALIASES.values())
     if options.csv_columns:
         columns = {}
@@ -947,7 +950,7 @@ def _csv_post(row: list[str], columns: dict, path: str, line: int) -> dict | Rej
 def _read_text(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
     stem = _stem(path)
     encoding = options.encoding
-    for item in _lines(path, options.max_record_bytes):
+    for item in iter_lines(path, options.max_record_bytes):
         if isinstance(item, Reject):
             yield item
             continue

@@ -23,8 +23,9 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
+from myna.data.readers import ReadOptions, iter_lines
 from myna.data.schema import Reject
-from myna.io import atomic_write, open_binary
+from myna.io import atomic_write
 
 TURN_SEP = "\n\n"  # between the posts of one self-thread turn
 TURN_ROLES = {"customer": "user", "user": "user", "agent": "assistant", "assistant": "assistant"}
@@ -270,19 +271,23 @@ def read_conversations(path: str | Path, fmt_hint: str | None = None) -> Iterato
     if fmt_hint not in (None, "turns", "messages"):
         raise ValueError(f"fmt_hint must be None, 'turns' or 'messages', got {fmt_hint!r}")
     name = Path(path).name
-    with open_binary(path) as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue  # blank line: no record
-            try:
-                messages = _messages_from_record(orjson.loads(raw), fmt_hint)
-            except orjson.JSONDecodeError as e:
-                messages = f"bad JSON: {e}"
-            if isinstance(messages, str):
-                snippet = raw.decode("utf-8", "replace").strip()[:SNIPPET_CHARS]
-                yield Reject(str(path), line_no, messages, snippet)
-            else:
-                yield {"id": f"{name}:{line_no}", "messages": messages, "source": f"{path}:{line_no}"}
+    # the readers' line splitter: bounded line length, and a truncated gzip/zstd stream becomes a Reject
+    for item in iter_lines(str(path), ReadOptions().max_record_bytes):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        line_no, raw = item
+        if not raw.strip():
+            continue  # blank line: no record
+        try:
+            messages = _messages_from_record(orjson.loads(raw), fmt_hint)
+        except orjson.JSONDecodeError as e:
+            messages = f"bad JSON: {e}"
+        if isinstance(messages, str):
+            snippet = raw.decode("utf-8", "replace").strip()[:SNIPPET_CHARS]
+            yield Reject(str(path), line_no, messages, snippet)
+        else:
+            yield {"id": f"{name}:{line_no}", "messages": messages, "source": f"{path}:{line_no}"}
 
 
 def _messages_from_record(rec: object, fmt_hint: str | None) -> list[dict] | str:
