@@ -47,6 +47,7 @@ from myna.io import atomic_dir, atomic_path, atomic_write
 from myna.progress import Progress, log
 from myna.tokenizer import Tokenizer, train_tokenizer
 
+CORPUS_SCHEMA = POST_SCHEMA.append(pa.field("split", pa.string(), nullable=False))  # "train" or "val"
 PART_ROWS = 50_000  # posts per Parquet row group: the unit of work handed to a clean worker
 
 
@@ -331,20 +332,30 @@ def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
     src = parts(out / "clean")
 
     def run() -> dict:
-        table = read_parts(out / "clean")
+        # only the columns dedup and the split read are held for the whole set; the rest streams part by part
+        table = read_parts(out / "clean", ["id", "author_id", "created_at", "text"])
         log(f"dedup: {table.num_rows:,} posts")
-        dcfg = dataclasses.replace(cfg.dedup, workers=cfg.workers)
-        res = dedup(table, dcfg)
-        corpus = table.filter(pa.array(res.keep))
-        is_val = assign_split(corpus, cfg.val_fraction, cfg.seed)
-        corpus = corpus.append_column("split", pa.array(np.where(is_val, "val", "train")))
-        with atomic_path(out / "corpus.parquet") as tmp:
-            pq.write_table(corpus, tmp, compression="zstd", row_group_size=65_536)
+        res = dedup(table, dataclasses.replace(cfg.dedup, workers=cfg.workers))
+        is_val = np.zeros(table.num_rows, dtype=bool)
+        is_val[res.keep] = assign_split(table.filter(pa.array(res.keep)), cfg.val_fraction, cfg.seed)
+        split = np.where(is_val, "val", "train")
+        start = 0
+        with (
+            atomic_path(out / "corpus.parquet") as tmp,
+            pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as w,
+        ):
+            for part in src:
+                rows = pq.read_table(part)
+                end = start + rows.num_rows
+                keep = pa.array(res.keep[start:end])
+                rows = rows.append_column(CORPUS_SCHEMA.field("split"), pa.array(split[start:end]))
+                w.write_table(rows.filter(keep))
+                start = end
         return {
             "input": table.num_rows,
-            "kept": corpus.num_rows,
+            "kept": int(res.keep.sum()),
             "dropped": dict(res.dropped),
-            "train": int((~is_val).sum()),
+            "train": int((res.keep & ~is_val).sum()),
             "val": int(is_val.sum()),
         }
 
