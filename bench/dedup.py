@@ -25,7 +25,7 @@ from myna.data.dedup import DedupConfig, comparison_key, dedup, minhash_signatur
 
 def load(data: Path) -> list[str]:
     texts = []
-    for name in ("positive.txt.gz", "negative.txt.gz"):
+    for name in ("sentiment140_positive.txt.gz", "sentiment140_negative.txt.gz"):
         with gzip.open(data / name, "rt", encoding="utf-8") as f:
             texts += [html.unescape(line.rstrip("\n")) for line in f if line.strip()]
     return texts
@@ -71,7 +71,9 @@ def million(texts: list[str], rows: int) -> pa.Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/sentiment140_sample100k"))
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "sample" / "posts"
+    )
     parser.add_argument("--docs", type=int, default=20_000, help="docs per signature timing")
     parser.add_argument("--datasketch-docs", type=int, default=3_000)
     parser.add_argument("--repeats", type=int, default=5)

@@ -41,6 +41,7 @@ def _prepare_config(args: argparse.Namespace):
         (cfg.clean, "mask_handles", args.mask_handles or None),
         (cfg.clean, "mask_urls", args.mask_urls or None),
         (cfg.clean, "languages", set(args.langs.split(",")) if args.langs else None),
+        (cfg.clean, "detect_language", False if args.no_lang_id else None),
         (cfg.dedup, "near", False if args.no_near_dedup else None),
         (cfg.dedup, "threshold", args.dedup_threshold),
         (cfg.dedup, "shingle", args.shingle),
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--mask-urls", action="store_true", help="replace URLs with 'http' (as BERTweet does)"
         )
         sp.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,es (default: all)")
+        sp.add_argument(
+            "--no-lang-id", action="store_true", help="keep the source's language only, no fastText"
+        )
         sp.add_argument("--no-near-dedup", action="store_true", help="exact de-duplication only")
         sp.add_argument(
             "--dedup-threshold", type=float, help="Jaccard similarity of near duplicates (default 0.8)"

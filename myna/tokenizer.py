@@ -187,7 +187,8 @@ class Tokenizer:
             return [ids for part in pool.map(self._encode_chunk, chunks) for ids in part]
 
     def _encode_chunk(self, texts: list[str]) -> list[list[int]]:
-        return [self.tiktoken.encode_ordinary(t) for t in texts]
+        encode = self.tiktoken.encode_ordinary  # bound once: the lookups cost ~5% on tweet-length texts
+        return [encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special ids show as their strings, broken UTF-8 as U+FFFD."""
