@@ -32,6 +32,11 @@ def _head_lines(src: Path, dst: Path, n: int) -> int:
     return len(lines)
 
 
+def run_myna(*args: str) -> subprocess.CompletedProcess:
+    """The `myna` command as a user runs it, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "myna", *args], capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, dict]:
     """A small mixed input folder: text, CSV, v1.1, v2, archive, conversations, and three broken files."""
@@ -187,44 +192,22 @@ def test_cli_prepare_and_speedrun(inputs, tmp_path):
     _head_lines(
         inputs[0] / "conv.conversations.jsonl", sample / "conversations" / "c.conversations.jsonl", 50
     )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "myna",
-            "speedrun",
-            "--sample",
-            str(sample),
-            "--out",
-            str(tmp_path / "run"),
-            "--vocab-size",
-            "400",
-            "--workers",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_myna(
+        "speedrun",
+        "--sample",
+        str(sample),
+        "--out",
+        str(tmp_path / "run"),
+        "--vocab-size",
+        "400",
+        "--workers",
+        "1",
     )
     assert run.returncode == 0, run.stderr
     assert "data funnel" in run.stderr and "kept" in run.stderr
     assert (tmp_path / "run" / "data" / "shards" / "train").is_dir()
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "myna",
-            "data",
-            "prepare",
-            str(tmp_path / "missing"),
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_myna("data", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "input not found" in bad.stderr
 
 
@@ -237,45 +220,23 @@ def test_cli_ingest_with_a_csv_column_mapping(tmp_path):
         w.writerow(["uid", "when", "msg"])
         for i, text in enumerate(rows):
             w.writerow([f"u{i}", f"2024-01-0{i + 1}T00:00:00Z", text])
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "myna",
-            "data",
-            "ingest",
-            str(tmp_path / "dump.csv"),
-            "--out",
-            str(tmp_path / "d"),
-            "--csv-columns",
-            "id=uid,created_at=when,text=msg",
-            "--workers",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_myna(
+        "data",
+        "ingest",
+        str(tmp_path / "dump.csv"),
+        "--out",
+        str(tmp_path / "d"),
+        "--csv-columns",
+        "id=uid,created_at=when,text=msg",
+        "--workers",
+        "1",
     )
     assert run.returncode == 0, run.stderr
     posts = pipeline.read_parts(tmp_path / "d" / "posts").to_pylist()
     assert [p["text"] for p in posts] == rows
     assert [p["id"] for p in posts] == [f"u{i}" for i in range(len(rows))]
     assert posts[2]["created_at"].day == 3
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "myna",
-            "data",
-            "ingest",
-            str(tmp_path / "dump.csv"),
-            "--out",
-            str(tmp_path / "e"),
-            "--csv-columns",
-            "text",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    bad = run_myna(
+        "data", "ingest", str(tmp_path / "dump.csv"), "--out", str(tmp_path / "e"), "--csv-columns", "text"
     )
     assert bad.returncode != 0 and "FIELD=COLUMN" in bad.stderr
