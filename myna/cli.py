@@ -120,6 +120,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from myna.data import pipeline
+    from myna.train.pretrain import pretrain
 
     sample = Path(args.sample)
     if not sample.is_dir():
@@ -130,7 +131,28 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     log(f"[bold]speedrun[/bold] on {sample} -> {out}")
     summary = pipeline.prepare([sample / "posts", sample / "conversations"], out / "data", cfg)
     print_summary(summary)
+    # resume=True: a second speedrun continues (or finds finished) the base run instead of refusing to overwrite it
+    last = pretrain(out / "data", out / "base", preset=args.preset, steps=args.steps, resume=True)
+    log(
+        f"base model: step {last['step']}, val loss {last.get('val_loss', float('nan')):.4f}, "
+        f"val bits-per-byte {last.get('val_bpb', float('nan')):.4f}"
+    )
     log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from myna.train.pretrain import pretrain
+
+    pretrain(
+        args.data,
+        args.out,
+        preset=args.preset,
+        steps=args.steps,
+        save_every=args.save_every,
+        resume=args.resume,
+        parallel=args.parallel,
+        compile=args.compile,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("speedrun", help="the whole pipeline on the bundled sample")
     s.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
     s.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
+    s.add_argument(
+        "--preset", default="cpu", help="model to pre-train (default cpu: about 10 minutes on 2 cores)"
+    )
+    s.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
     data_flags(s)
     s.set_defaults(fn=cmd_speedrun)
+
+    t = sub.add_parser("pretrain", help="train a GPT on token shards (run under torchrun for several GPUs)")
+    t.add_argument("--data", required=True, help="data directory from `myna data prepare`")
+    t.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints")
+    t.add_argument(
+        "--preset", default="cpu", help="model size: tiny, cpu, 124m, 350m, 1b, 8b, 70b (default cpu)"
+    )
+    t.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    t.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.set_defaults(fn=cmd_pretrain)
     return p
 
 
@@ -185,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"myna {args.verb}: error: {e}")
 
 

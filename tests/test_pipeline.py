@@ -202,10 +202,16 @@ def test_cli_prepare_and_speedrun(inputs, tmp_path):
         "400",
         "--workers",
         "1",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
     )
     assert run.returncode == 0, run.stderr
     assert "data funnel" in run.stderr and "kept" in run.stderr
     assert (tmp_path / "run" / "data" / "shards" / "train").is_dir()
+    assert "base model: step 3" in run.stderr
+    assert (tmp_path / "run" / "base" / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
 
     bad = run_myna("data", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "input not found" in bad.stderr

@@ -185,16 +185,25 @@ def test_loader_covers_every_window_once_per_epoch(shard_dir: Path):
     seen = [torch.cat([x[0], y[0, -1:]]).tolist() for x, y in take(loader, len(expected) + 1)]
     assert seen[:-1] == expected
     assert seen[-1] == expected[0] and loader.state_dict()["epoch"] == 1
+    # shuffled: each epoch is a different permutation of the same windows
+    shuffled = TokenLoader(paths, batch_size=1, seq_len=T, shuffle_seed=7)
+    epochs = [
+        [torch.cat([x[0], y[0, -1:]]).tolist() for x, y in take(shuffled, len(expected))] for _ in range(2)
+    ]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(expected) and epoch != expected
+    assert epochs[0] != epochs[1]
 
 
+@pytest.mark.parametrize("shuffle_seed", [None, 3])
 @pytest.mark.parametrize("shard_tokens", [4000, 200])  # 200: few windows, so 10 batches wrap several epochs
-def test_loader_resume_yields_the_same_batches(tmp_path: Path, shard_tokens: int):
+def test_loader_resume_yields_the_same_batches(tmp_path: Path, shard_tokens: int, shuffle_seed: int | None):
     paths = write(tmp_path, tweet_docs(), vocab_size=1024, shard_tokens=shard_tokens)[:2]
-    straight = take(TokenLoader(paths, batch_size=4, seq_len=48), 10)
-    first = TokenLoader(paths, batch_size=4, seq_len=48)
+    straight = take(TokenLoader(paths, batch_size=4, seq_len=48, shuffle_seed=shuffle_seed), 10)
+    first = TokenLoader(paths, batch_size=4, seq_len=48, shuffle_seed=shuffle_seed)
     take(first, 5)
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = TokenLoader(paths, batch_size=4, seq_len=48)
+    resumed = TokenLoader(paths, batch_size=4, seq_len=48, shuffle_seed=shuffle_seed)
     resumed.load_state_dict(state)
     for (x0, y0), (x1, y1) in zip(straight[5:], take(resumed, 5), strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
@@ -202,9 +211,13 @@ def test_loader_resume_yields_the_same_batches(tmp_path: Path, shard_tokens: int
         assert resumed.state_dict()["epoch"] >= 2
 
 
-def test_ranks_split_the_global_batch(shard_dir: Path):
-    single = TokenLoader(shard_dir, batch_size=8, seq_len=40)
-    ranks = [TokenLoader(shard_dir, batch_size=4, seq_len=40, rank=r, world_size=2) for r in range(2)]
+@pytest.mark.parametrize("shuffle_seed", [None, 5])
+def test_ranks_split_the_global_batch(shard_dir: Path, shuffle_seed: int | None):
+    single = TokenLoader(shard_dir, batch_size=8, seq_len=40, shuffle_seed=shuffle_seed)
+    ranks = [
+        TokenLoader(shard_dir, batch_size=4, seq_len=40, rank=r, world_size=2, shuffle_seed=shuffle_seed)
+        for r in range(2)
+    ]
     for _ in range(3):
         gx, gy = next(single)
         (x0, y0), (x1, y1) = next(ranks[0]), next(ranks[1])
@@ -219,6 +232,8 @@ def test_loader_rejects_mismatched_state_and_bad_args(shard_dir: Path):
     other = TokenLoader(shard_dir, batch_size=2, seq_len=32)
     with pytest.raises(ValueError, match="seq_len=16"):
         other.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        TokenLoader(shard_dir, batch_size=2, seq_len=16, shuffle_seed=1).load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="rank=2"):
         TokenLoader(shard_dir, batch_size=2, seq_len=16, rank=2, world_size=2)
     (shard_dir / "empty").mkdir()

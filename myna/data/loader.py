@@ -4,7 +4,9 @@ The loader cuts each shard into windows of seq_len + 1 tokens that start every s
 y = w[1:]); windows do not cross shards, so the last (len - 1) % seq_len tokens of a shard only ever appear as a
 target. Windows are numbered 0..N-1 across the shards in order; that sequence repeated forever (epochs) is the
 stream. A step takes the next batch_size * world_size windows of the stream and rank r keeps the ones whose index
-within the step is r mod world_size, so the ranks' rows together are exactly the single-process batch.
+within the step is r mod world_size, so the ranks' rows together are exactly the single-process batch. With a
+shuffle_seed, epoch e visits the windows in a permutation drawn from (seed, e): every rank draws the same one, and a
+resumed loader draws it again, so the stream stays exactly reproducible.
 """
 
 from bisect import bisect_right
@@ -39,6 +41,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        shuffle_seed: int | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be >= 1")
@@ -59,8 +62,22 @@ class TokenLoader:
         self.num_windows = self._first[-1]
         if self.num_windows == 0:
             raise ValueError(f"{self.paths[0]} ...: no shard holds seq_len + 1 = {seq_len + 1} tokens")
+        self.shuffle_seed = shuffle_seed  # None: windows in shard order; else a fresh permutation every epoch
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> window order, the current and the next epoch only
         self._epoch = 0
         self._pos = 0  # index of the next window of the stream within the current epoch
+
+    def _window(self, epoch: int, i: int) -> int:
+        """The global index of the i-th window of `epoch`."""
+        if self.shuffle_seed is None:
+            return i
+        if epoch not in self._orders:
+            # seeded by (seed, epoch) alone, so every rank and every resumed run draws the same order
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.shuffle_seed, epoch]).permutation(
+                self.num_windows
+            )
+        return int(self._orders[epoch][i])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -69,7 +86,8 @@ class TokenLoader:
         step = self.batch_size * self.world_size
         rows = []
         for j in range(self.rank, step, self.world_size):
-            g = (self._pos + j) % self.num_windows
+            epoch, i = divmod(self._pos + j, self.num_windows)
+            g = self._window(self._epoch + epoch, i)
             s = bisect_right(self._first, g) - 1
             start = (g - self._first[s]) * self.seq_len
             rows.append(self.shards[s][start : start + self.seq_len + 1])
@@ -89,6 +107,7 @@ class TokenLoader:
             "shard": s,
             "offset": (self._pos - self._first[s]) * self.seq_len,  # token offset of the next window
             "seq_len": self.seq_len,
+            "shuffle_seed": self.shuffle_seed,
             "shards": [[p.name, len(m)] for p, m in zip(self.paths, self.shards, strict=True)],
         }
 
@@ -99,6 +118,11 @@ class TokenLoader:
             raise ValueError(
                 f"loader state was taken with seq_len={state['seq_len']} over {len(state['shards'])} shards; "
                 f"this loader has seq_len={self.seq_len} over {len(mine)} shards (or their names/sizes differ)"
+            )
+        if state.get("shuffle_seed") != self.shuffle_seed:
+            raise ValueError(
+                f"loader state was taken with shuffle_seed={state.get('shuffle_seed')}, this loader has "
+                f"{self.shuffle_seed}: the window order would differ"
             )
         shard, offset = state["shard"], state["offset"]
         if (

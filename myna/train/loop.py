@@ -1,0 +1,281 @@
+"""The training loop shared by pre-training, SFT and DPO: only the loss function differs between them.
+
+One optimizer step = grad_accum micro-batches per rank (gradients synchronised on the last one only), gradient
+clipping, the learning-rate schedule, then logging, evaluation and checkpointing on their schedules. Step
+numbers count finished optimizer steps: the record and the checkpoint of step N describe the model after N
+updates, so resuming from step N runs step N + 1 next.
+"""
+
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from myna.config import TrainConfig
+from myna.io import atomic_write
+from myna.progress import console
+from myna.train import checkpoint
+from myna.train.distributed import Dist, unwrap, wrap
+from myna.train.optim import build_optimizer, lr_at, set_lr
+
+# Dense bf16 tensor-core peaks (no sparsity) by device name, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
+
+def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the next token (targets of -1 are ignored)."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None when it is not in PEAK_BF16_FLOPS (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and ("PCIe" in name or "NVL" in name):
+        return None  # lower clocks than SXM; not in the table rather than reported wrong
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for cfg.dtype (None = plain fp32).
+
+    "auto" is bf16 on CUDA and fp32 on CPU. Measured on this project's 2-core CPU (AVX2, no AVX-512 BF16 or AMX):
+    bf16 matmuls ran at 0-28 GFLOP/s against 39-97 in fp32, and a `cpu`-preset training step took 14.8 s under
+    bf16 autocast against 743 ms in fp32 (tiny: 783 vs 4,503 tokens/s). A CPU with bf16 instructions may differ:
+    set dtype="bfloat16" and compare with bench/train_cpu.py.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float32":
+        return None
+    raise ValueError(f"dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val_loader,
+    batches: int,
+    bytes_per_token: torch.Tensor | None,
+    dist: Dist,
+    autocast,
+) -> tuple[float, float | None]:
+    """Mean next-token loss over `batches` val batches (all ranks together) and bits per byte.
+
+    bpb = summed cross-entropy in nats / ln 2 / the UTF-8 bytes of the target tokens; special tokens stand for
+    no bytes, but predicting them (e.g. where a document ends) still costs nats, so bpb charges for it.
+    """
+    model.eval()
+    nats = tokens = nbytes = 0.0
+    for _ in range(batches):
+        x, y = next(val_loader)
+        with autocast():
+            _, loss = model(x, y)
+        valid = y >= 0
+        n = valid.sum()
+        nats += float(loss.float() * n)
+        tokens += float(n)
+        if bytes_per_token is not None:
+            nbytes += float((bytes_per_token[y.clamp(min=0)] * valid).sum())
+    model.train()
+    nats, tokens, nbytes = dist.sum([nats, tokens, nbytes])
+    bpb = nats / math.log(2) / nbytes if bytes_per_token is not None else None
+    return nats / tokens, bpb
+
+
+class _Metrics:
+    """RUN/metrics.jsonl on rank 0: one JSON object per logged step, flushed as written."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop the records of steps the resumed run will redo, so every step appears once
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            with atomic_write(self.path, "w") as f:
+                f.write("".join(ln + "\n" for ln in kept))
+        self.file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")  # noqa: SIM115
+        self.tb = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress_bar(total: int, start: int) -> Progress:
+    bar = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    bar.add_task("train", total=total, completed=start, info="")
+    return bar
+
+
+def _format(record: dict) -> str:
+    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    if record.get("val_bpb") is not None:
+        parts.append(f"bpb {record['val_bpb']:.4f}")
+    return " | ".join(parts)
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    train_loader,
+    val_loader,
+    run_dir: str | Path,
+    *,
+    dist: Dist | None = None,
+    bytes_per_token: torch.Tensor | None = None,
+    loss_fn: LossFn = next_token_loss,
+    on_step: Callable[[int, dict], None] | None = None,
+    resume: bool = False,
+    extra_state: dict | None = None,
+    final_checkpoint: bool = True,
+) -> dict:
+    """Train `model` (a plain module; wrapped here for DDP/FSDP) for cfg.steps optimizer steps.
+
+    `train_loader` and `val_loader` yield batches for `loss_fn(model, batch)`; they need state_dict and
+    load_state_dict (TokenLoader) so that checkpoints can resume them exactly. `bytes_per_token[id]` is the
+    UTF-8 length of each token id (for bits per byte). With resume=True the newest checkpoint in run_dir/
+    checkpoints restores model, optimizer, schedule position, loader and RNG states. `on_step(step, record)` is
+    called after every step. `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
+    skips the checkpoint after the last step (benchmarks). Returns the last record.
+    """
+    dist = dist or Dist()
+    run_dir = Path(run_dir)
+    model = wrap(model.to(dist.device), dist)
+    optimizer = build_optimizer(unwrap(model), cfg)
+    compiled = torch.compile(model) if cfg.compile else model
+
+    start = 0
+    if resume and (ckpt := checkpoint.latest(run_dir)) is not None:
+        state = checkpoint.load(ckpt, model, optimizer)
+        start = state["step"]
+        train_loader.load_state_dict(state["loader"][min(dist.rank, len(state["loader"]) - 1)])
+        checkpoint.set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
+        dist.log(f"resumed from {ckpt} (step {start})")
+    val_start = val_loader.state_dict()  # every evaluation reads the same val batches
+
+    amp_dtype = autocast_dtype(cfg.dtype, dist.device)
+
+    def autocast():
+        if amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(dist.device.type, dtype=amp_dtype)
+
+    if bytes_per_token is not None:
+        bytes_per_token = bytes_per_token.to(dist.device)
+    tokens_per_step = cfg.tokens_per_step * dist.world_size
+    peak = peak_flops(dist.device)
+    flops_per_token = unwrap(model).flops_per_token(cfg.seq_len) if peak else 0.0
+
+    metrics = _Metrics(run_dir, start if resume else None) if dist.is_main else None
+    bar = _progress_bar(cfg.steps, start) if dist.is_main else None
+    if bar is not None:
+        bar.start()
+    record: dict = {}
+    t_log, steps_since_log = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            lr_mult = lr_at(step, cfg)
+            set_lr(optimizer, lr_mult)
+            loss_sum = torch.zeros((), device=dist.device)
+            for micro in range(cfg.grad_accum):
+                last = micro == cfg.grad_accum - 1
+                if dist.parallel == "fsdp":
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if dist.parallel == "ddp" and not last else nullcontext()
+                with sync:
+                    with autocast():
+                        loss = loss_fn(compiled, next(train_loader))
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            steps_since_log += 1
+
+            is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+            if done % cfg.log_every == 0 or is_eval:
+                (loss_total,) = dist.sum([loss_sum.item() / cfg.grad_accum])
+                now = time.perf_counter()
+                tokens_per_s = steps_since_log * tokens_per_step / (now - t_log)
+                record = {
+                    "step": done,
+                    "loss": loss_total / dist.world_size,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": tokens_per_s,
+                }
+                if peak:
+                    record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.world_size)
+                if is_eval:
+                    val_loader.load_state_dict(val_start)
+                    record["val_loss"], record["val_bpb"] = evaluate(
+                        compiled, val_loader, cfg.eval_batches, bytes_per_token, dist, autocast
+                    )
+                if metrics is not None:
+                    metrics.write(record)
+                    bar.update(bar.task_ids[0], completed=done, info=_format(record))
+                    if is_eval:
+                        console.print(f"step {done}: {_format(record)}", highlight=False)
+                t_log, steps_since_log = time.perf_counter(), 0  # eval time is not training time
+            elif bar is not None:
+                bar.update(bar.task_ids[0], completed=done)
+
+            if (cfg.save_every and done % cfg.save_every == 0) or (done == cfg.steps and final_checkpoint):
+                state = {
+                    "config": asdict(cfg),
+                    "loader": dist.gather(train_loader.state_dict()),
+                    "rng": dist.gather(checkpoint.rng_state()),
+                    **(extra_state or {}),
+                }
+                checkpoint.save(run_dir, done, model, optimizer, state, dist, cfg.keep_last)
+                t_log, steps_since_log = time.perf_counter(), 0
+            if on_step is not None:
+                on_step(done, record if record.get("step") == done else {"step": done})
+    finally:
+        if bar is not None:
+            bar.stop()
+        if metrics is not None:
+            metrics.close()
+    return record

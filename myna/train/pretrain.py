@@ -1,0 +1,147 @@
+"""`myna pretrain`: a data directory from `myna data prepare` -> a trained GPT in a run directory.
+
+RUN/config.json (what was trained, how), RUN/metrics.jsonl (one record per logged step), RUN/checkpoints/.
+Run under torchrun for several processes; every rank calls pretrain() with the same arguments.
+"""
+
+import json
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+
+from myna.config import ModelConfig, TrainConfig
+from myna.config import preset as get_preset
+from myna.data.loader import TokenLoader
+from myna.io import atomic_write
+from myna.model import GPT
+from myna.tokenizer import Tokenizer
+from myna.train import distributed
+from myna.train.checkpoint import latest
+from myna.train.loop import train
+
+
+def _apply_overrides(
+    mcfg: ModelConfig, tcfg: TrainConfig, overrides: dict
+) -> tuple[ModelConfig, TrainConfig]:
+    model_keys = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - model_keys - train_keys
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}: expected TrainConfig or ModelConfig fields")
+    mcfg = replace(mcfg, **{k: v for k, v in overrides.items() if k in model_keys})
+    tcfg = replace(tcfg, **{k: v for k, v in overrides.items() if k in train_keys})
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+    return mcfg, tcfg
+
+
+def _check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
+    existing = [p for p in ("config.json", "metrics.jsonl", "checkpoints") if (out / p).exists()]
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out}: holds a run already ({', '.join(existing)}); pass --resume or a new --out"
+        )
+    if resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
+        if saved != asdict(mcfg):
+            diff = {k: (saved.get(k), v) for k, v in asdict(mcfg).items() if saved.get(k) != v}
+            raise ValueError(f"{out}/config.json: the run's model differs from this one (saved, now): {diff}")
+
+
+def pretrain(
+    data_dir: str | Path,
+    out: str | Path,
+    preset: str = "cpu",
+    steps: int | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    parallel: str = "none",
+    compile: bool = False,
+    on_step=None,
+    final_checkpoint: bool = True,
+    **overrides,
+) -> dict:
+    """Train the preset's model on DIR/shards/{train,val} with DIR/tokenizer.json; returns the last metrics.
+
+    `overrides` set TrainConfig or ModelConfig fields by name (e.g. batch_size=4, n_layer=2). With resume=True
+    the newest checkpoint in OUT/checkpoints is continued (a fresh start when there is none); without it an
+    existing run in OUT is an error. `on_step(step, record)` is called after every optimizer step;
+    final_checkpoint=False skips the checkpoint after the last step (benchmarks).
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    tok_path = data_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path}: no tokenizer; run `myna data prepare --out {data_dir}` first")
+    for split in ("train", "val"):
+        if not (data_dir / "shards" / split).is_dir():
+            raise FileNotFoundError(f"{data_dir}/shards/{split}: no token shards; run `myna data prepare`")
+    tok = Tokenizer.from_file(tok_path)
+    mcfg, tcfg = get_preset(preset, vocab_size=tok.vocab_size)
+    if steps is not None:
+        overrides["steps"] = steps
+    if save_every is not None:
+        overrides["save_every"] = save_every
+    mcfg, tcfg = _apply_overrides(mcfg, tcfg, {**overrides, "compile": compile or tcfg.compile})
+
+    dist = distributed.setup(parallel)
+    try:
+        _check_run_dir(out, resume, mcfg)
+        dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
+        if dist.device.type == "cpu":
+            # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels
+            torch.use_deterministic_algorithms(True)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            config = {
+                "preset": preset,
+                "data": str(data_dir),
+                "parallel": parallel,
+                "world_size": dist.world_size,
+                "model": asdict(mcfg),
+                "train": asdict(tcfg),
+            }
+            with atomic_write(out / "config.json", "w") as f:
+                json.dump(config, f, indent=1)
+        if resume and latest(out) is None:
+            dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
+
+        torch.manual_seed(tcfg.seed)
+        with dist.device:
+            model = GPT(mcfg)
+        dist.log(
+            f"model: {preset}, {model.num_params() / 1e6:.2f}M parameters; {tcfg.steps} steps of "
+            f"{tcfg.tokens_per_step * dist.world_size:,} tokens; parallel={parallel} x {dist.world_size}"
+        )
+        shards = data_dir / "shards"
+        # shuffled windows: the corpus is ordered by source file, and training must not see one source at a time
+        train_loader = TokenLoader(
+            shards / "train",
+            tcfg.batch_size,
+            tcfg.seq_len,
+            dist.rank,
+            dist.world_size,
+            dist.device,
+            tcfg.seed,
+        )
+        val_loader = TokenLoader(
+            shards / "val", tcfg.batch_size, tcfg.seq_len, dist.rank, dist.world_size, dist.device
+        )
+        bytes_per_token = torch.tensor([len(b) for b in tok.token_bytes], dtype=torch.int64)
+        record = train(
+            model,
+            tcfg,
+            train_loader,
+            val_loader,
+            out,
+            dist=dist,
+            bytes_per_token=bytes_per_token,
+            on_step=on_step,
+            resume=resume,
+            extra_state={"model_config": asdict(mcfg), "preset": preset},
+            final_checkpoint=final_checkpoint,
+        )
+        dist.log(f"[green]pretrain finished: step {record.get('step')}, val loss {record.get('val_loss')}")
+        return record
+    finally:
+        distributed.teardown(dist)
