@@ -70,7 +70,8 @@ class PrepareConfig:
 # Stage bookkeeping: stamps for skip-if-fresh, and a bounded parallel map
 
 
-def _stamp(name: str, out: Path, inputs: list[Path], params: dict) -> str:
+def _stamp(inputs: list[Path], params: dict) -> str:
+    """A hash of the stage's parameters and of its inputs' paths, sizes and mtimes."""
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for p in inputs:
         st = p.stat()
@@ -89,7 +90,7 @@ def _run_stage(
 ) -> dict:
     """Run fn unless the stage's outputs exist and its stamp matches; returns the stage's summary."""
     stamp_path = out / ".stages" / f"{name}.json"
-    stamp = _stamp(name, out, inputs, params)
+    stamp = _stamp(inputs, params)
     if not force and stamp_path.exists() and all((out / o).exists() for o in outputs):
         saved = json.loads(stamp_path.read_text())
         if saved.get("stamp") == stamp:
