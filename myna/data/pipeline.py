@@ -150,7 +150,7 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                 for f in p.rglob("*")
                 if f.is_file()
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                and f.suffix.lower() not in (".md", ".txt.md", ".license")
+                and f.suffix.lower() not in (".md", ".license")
                 and "LICENSE" not in f.name
             )
         elif p.is_file():
