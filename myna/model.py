@@ -85,7 +85,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
@@ -96,7 +101,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
-        mask, causal = None, True
+        mask, causal = doc_mask, doc_mask is None
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)
@@ -135,9 +140,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, doc_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -206,12 +216,16 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
+        doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
     ):
         """idx [B, T] -> logits [B, T, vocab]; with targets -> (logits, loss); return_hidden -> (that, hidden).
 
         With a kv_cache, positions continue from kv_cache.pos and this call's keys/values are appended.
+        doc_ids [B, T] marks which packed document each token belongs to: attention stays causal and within one
+        document, so several conversations share a row without seeing each other. RoPE is relative, so a
+        document packed at offset 200 gets the same attention as one starting at 0.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -219,9 +233,16 @@ class GPT(nn.Module):
             raise ValueError(f"sequence reaches position {start + T} > max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
+        doc_mask = None
+        if doc_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("doc_ids (packed training rows) and kv_cache (decoding) do not combine")
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            doc_mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, doc_mask)
         if kv_cache is not None:
             kv_cache.pos += T
         hidden = self.norm(x)

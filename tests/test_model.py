@@ -279,3 +279,19 @@ def test_torch_compile_runs_forward_and_backward_like_eager():
     loss.backward()
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.blocks[0].attn.q.weight.grad, eager_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    torch.manual_seed(0)
+    model = GPT(small_cfg()).eval()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        out = model(packed, doc_ids=doc_ids)
+        alone_a, alone_b = model(a), model(b)
+        unmasked = model(packed)
+    # each document's logits equal those it gets alone (RoPE is relative, so its offset in the row is irrelevant)
+    torch.testing.assert_close(out[:, :7], alone_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 7:], alone_b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unmasked[:, 7:], alone_b, atol=1e-3)  # without the mask b sees a

@@ -15,6 +15,7 @@ from myna.config import preset as get_preset
 from myna.data.loader import TokenLoader
 from myna.io import atomic_write
 from myna.model import GPT
+from myna.runs import copy_tokenizer
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.checkpoint import latest
@@ -103,6 +104,7 @@ def pretrain(
             }
             with atomic_write(out / "config.json", "w") as f:
                 json.dump(config, f, indent=1)
+            copy_tokenizer(tok_path, out)
         if resume and latest(out) is None:
             dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
 
