@@ -1,9 +1,14 @@
-"""The training loop shared by pre-training, SFT and DPO: only the loss function differs between them.
+"""The training loop shared by pre-training, SFT and DPO: only the batches, the loss and the evaluation differ.
 
 One optimizer step = grad_accum micro-batches per rank (gradients synchronised on the last one only), gradient
 clipping, the learning-rate schedule, then logging, evaluation and checkpointing on their schedules. Step
 numbers count finished optimizer steps: the record and the checkpoint of step N describe the model after N
 updates, so resuming from step N runs step N + 1 next.
+
+A batch is whatever the loaders yield; `loss_fn(model, batch)` interprets it and returns the loss, or
+(loss, stats) where stats maps names to scalar tensors (e.g. DPO's reward margin) that the loop averages over
+micro-batches and ranks into the step's record. `eval_fn(model, val_loader, autocast)` returns the evaluation's
+record entries; by default the next-token loss and bits per byte of pre-training.
 """
 
 import importlib.util
@@ -11,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +34,8 @@ from myna.train.optim import build_optimizer, lr_at, set_lr
 # Dense bf16 tensor-core peaks (no sparsity) by device name, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[nn.Module, tuple], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
+EvalFn = Callable[[nn.Module, object, Callable[[], AbstractContextManager]], dict]
 
 
 def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -152,6 +158,8 @@ def _format(record: dict) -> str:
         parts.append(f"val {record['val_loss']:.4f}")
     if record.get("val_bpb") is not None:
         parts.append(f"bpb {record['val_bpb']:.4f}")
+    shown = {"step", "loss", "lr", "tokens_per_s", "mfu", "val_loss", "val_bpb"}
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k not in shown and isinstance(v, float)]
     return " | ".join(parts)
 
 
@@ -165,6 +173,7 @@ def train(
     dist: Dist | None = None,
     bytes_per_token: torch.Tensor | None = None,
     loss_fn: LossFn = next_token_loss,
+    eval_fn: EvalFn | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     resume: bool = False,
     extra_state: dict | None = None,
@@ -173,9 +182,11 @@ def train(
     """Train `model` (a plain module; wrapped here for DDP/FSDP) for cfg.steps optimizer steps.
 
     `train_loader` and `val_loader` yield batches for `loss_fn(model, batch)`; they need state_dict and
-    load_state_dict (TokenLoader) so that checkpoints can resume them exactly. `bytes_per_token[id]` is the
-    UTF-8 length of each token id (for bits per byte). With resume=True the newest checkpoint in run_dir/
-    checkpoints restores model, optimizer, schedule position, loader and RNG states. `on_step(step, record)` is
+    load_state_dict (TokenLoader) so that checkpoints can resume them exactly; val_loader is rewound to its
+    starting state before every evaluation, so each one reads the same batches. `eval_fn(model, val_loader,
+    autocast)` returns the record entries of an evaluation (default: `evaluate`'s val_loss and val_bpb over
+    cfg.eval_batches). `bytes_per_token[id]` is the UTF-8 length of each token id (for bits per byte). With
+    resume=True the newest checkpoint in run_dir/checkpoints restores model, optimizer, schedule position, loader and RNG states. `on_step(step, record)` is
     called after every step. `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
     skips the checkpoint after the last step (benchmarks). Returns the last record.
     """
@@ -203,6 +214,12 @@ def train(
 
     if bytes_per_token is not None:
         bytes_per_token = bytes_per_token.to(dist.device)
+    if eval_fn is None:
+
+        def eval_fn(model, val_loader, autocast) -> dict:
+            loss, bpb = evaluate(model, val_loader, cfg.eval_batches, bytes_per_token, dist, autocast)
+            return {"val_loss": loss, "val_bpb": bpb}
+
     tokens_per_step = cfg.tokens_per_step * dist.world_size
     peak = peak_flops(dist.device)
     flops_per_token = unwrap(model).flops_per_token(cfg.seq_len) if peak else 0.0
@@ -218,6 +235,7 @@ def train(
             lr_mult = lr_at(step, cfg)
             set_lr(optimizer, lr_mult)
             loss_sum = torch.zeros((), device=dist.device)
+            stat_sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.grad_accum):
                 last = micro == cfg.grad_accum - 1
                 if dist.parallel == "fsdp":
@@ -226,8 +244,11 @@ def train(
                 with sync:
                     with autocast():
                         loss = loss_fn(compiled, next(train_loader))
+                    loss, stats = loss if isinstance(loss, tuple) else (loss, {})
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
+                for key, value in stats.items():
+                    stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().float()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -237,7 +258,10 @@ def train(
 
             is_eval = done % cfg.eval_every == 0 or done == cfg.steps
             if done % cfg.log_every == 0 or is_eval:
-                (loss_total,) = dist.sum([loss_sum.item() / cfg.grad_accum])
+                keys = sorted(stat_sums)
+                loss_total, *stat_totals = dist.sum(
+                    [loss_sum.item() / cfg.grad_accum] + [stat_sums[k].item() / cfg.grad_accum for k in keys]
+                )
                 now = time.perf_counter()
                 tokens_per_s = steps_since_log * tokens_per_step / (now - t_log)
                 record = {
@@ -248,11 +272,10 @@ def train(
                 }
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.world_size)
+                record.update({k: v / dist.world_size for k, v in zip(keys, stat_totals, strict=True)})
                 if is_eval:
                     val_loader.load_state_dict(val_start)
-                    record["val_loss"], record["val_bpb"] = evaluate(
-                        compiled, val_loader, cfg.eval_batches, bytes_per_token, dist, autocast
-                    )
+                    record.update(eval_fn(compiled, val_loader, autocast))
                 if metrics is not None:
                     metrics.write(record)
                     bar.update(bar.task_ids[0], completed=done, info=_format(record))

@@ -37,7 +37,7 @@ def _apply_overrides(
     return mcfg, tcfg
 
 
-def _check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
+def check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
     existing = [p for p in ("config.json", "metrics.jsonl", "checkpoints") if (out / p).exists()]
     if existing and not resume:
         raise FileExistsError(
@@ -87,7 +87,7 @@ def pretrain(
 
     dist = distributed.setup(parallel)
     try:
-        _check_run_dir(out, resume, mcfg)
+        check_run_dir(out, resume, mcfg)
         dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
         if dist.device.type == "cpu":
             # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels

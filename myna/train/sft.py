@@ -1,0 +1,542 @@
+"""`myna sft`: supervised fine-tuning of a pre-trained run on chat dialogues (OpenAI messages).
+
+Data: DIR/dialogues.jsonl (from `myna data prepare`) or any JSONL file of {"messages": [...]} records. A line that
+is not such a record is quarantined in OUT/rejects.jsonl with its file, line and reason; training goes on with the
+rest. Each dialogue is rendered with the chat template, and only assistant output (the text of assistant turns and
+the <|end|> closing them) is a target: every other position has target -1.
+
+Packing: the conversations of an epoch, in a shuffled order, fill rows of seq_len positions one after another; a
+conversation that does not fit in what is left of a row starts the next row (the rest is padding). doc_ids tell the
+model where each conversation begins, so attention never crosses two conversations.
+
+Truncation: a conversation longer than seq_len + 1 tokens keeps its newest turns (and every system message), the
+way `template.render_prompt` fits a prompt at inference, so the model learns replies with the context it will see
+when serving. If the newest turn alone is too long, its end is cut. Both are counted.
+
+Held-out split: a dialogue is held out when the hash of its first non-system message falls in the lowest 5%
+(at least a few dialogues), so branches of one reply tree, which share their opening, land on the same side, and
+adding data never moves a dialogue between sides. Evaluation: mean loss over the assistant tokens of the held-out
+dialogues (the first eval_batches batches per rank of them).
+
+Fine-tuning defaults, from the base run's training settings: peak lr 1/10 of the base's (fine-tuning moves a
+trained model, large steps would undo pre-training), no weight decay (it pulls weights towards zero, not towards
+the base), grad_accum 1 (chat sets are small; more updates beat bigger batches), one epoch of the training
+dialogues (more epochs memorise small chat sets), 5% warmup, an evaluation and a checkpoint every 10% of the steps.
+"""
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+import torch.nn.functional as F
+import xxhash
+
+from myna.config import ModelConfig, TrainConfig
+from myna.data.readers import ReadOptions, iter_lines
+from myna.data.schema import Reject
+from myna.io import atomic_write
+from myna.runs import copy_tokenizer, load_model, resolve
+from myna.template import check_messages, render
+from myna.tokenizer import Tokenizer
+from myna.train import distributed
+from myna.train.checkpoint import latest
+from myna.train.distributed import Dist
+from myna.train.loop import train
+from myna.train.pretrain import check_run_dir
+
+LR_SCALE = 0.1  # fine-tuning peak lr = the base run's peak lr x this
+HELD_OUT_FRACTION = 0.05
+MIN_HELD_OUT = 8  # when 5% is fewer than this (and the data has at least twice as many)
+EVAL_BATCHES = 32  # per rank and evaluation: the whole held-out set while it fits
+SNIPPET_CHARS = 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def data_file(data: str | Path, default_name: str) -> Path:
+    """DIR/default_name for a data directory, the path itself for a file."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such file (expected a data directory holding it, or a JSONL file)"
+        )
+    return path
+
+
+def read_records(path: Path, parse: Callable[[dict], dict]) -> tuple[list[dict], list[Reject]]:
+    """The JSONL records `parse` accepts (gzip/zstd transparent), and a Reject (file:line, reason) for the rest.
+
+    `parse(record)` returns what to keep or raises ValueError naming the field. Each kept item gets "id" (the
+    record's own, else FILE:LINE) and "where" (FILE:LINE).
+    """
+    kept, rejects = [], []
+    for item in iter_lines(str(path), ReadOptions().max_record_bytes):
+        if isinstance(item, Reject):
+            rejects.append(item)
+            continue
+        line, raw = item
+        if not raw.strip():
+            continue
+        try:
+            rec = orjson.loads(raw)
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+            parsed = parse(rec)
+        except (orjson.JSONDecodeError, ValueError) as e:
+            rejects.append(Reject(str(path), line, str(e), raw.decode("utf-8", "replace")[:SNIPPET_CHARS]))
+            continue
+        rec_id = rec.get("id")
+        kept.append({**parsed, "id": str(rec_id) if rec_id is not None else f"{path.name}:{line}"})
+        kept[-1]["where"] = f"{path}:{line}"
+    return kept, rejects
+
+
+def parse_dialogue(rec: dict) -> dict:
+    messages = check_messages(rec.get("messages"), "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("messages: no assistant message, so nothing to learn")
+    return {"messages": messages}
+
+
+def write_rejects(out: Path, rejects: list[Reject], what: str, dist: Dist) -> None:
+    """OUT/rejects.jsonl, and a log line naming the first few."""
+    if not rejects:
+        return
+    if dist.is_main:
+        with atomic_write(out / "rejects.jsonl", "wb") as f:
+            f.write(b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in rejects))
+    shown = "; ".join(f"{r.file}:{r.line}: {r.reason}" for r in rejects[:3])
+    dist.log(f"[yellow]{len(rejects)} {what} rejected (see {out}/rejects.jsonl): {shown}")
+
+
+def held_out(keys: list[str], fraction: float = HELD_OUT_FRACTION, minimum: int = MIN_HELD_OUT) -> list[bool]:
+    """Which items are held out: those whose key hashes into the lowest `fraction`; at least
+    min(minimum, len // 2) of them (the smallest hashes). Equal keys always land on the same side."""
+    h = [xxhash.xxh64(k.encode("utf-8")).intdigest() / 2**64 for k in keys]
+    want = min(minimum, len(keys) // 2)
+    val = [x < fraction for x in h]
+    if sum(val) < want:
+        cut = sorted(h)[want - 1]
+        val = [x <= cut for x in h]
+    return val
+
+
+def opening(messages: list[dict]) -> str:
+    """The held-out key of a conversation: its first non-system message."""
+    first = next((m for m in messages if m["role"] != "system"), messages[0])
+    return first.get("content") or json.dumps(first, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dialogues -> training examples
+
+
+def fit_turns(ids: list[int], learn: list[bool], tok: Tokenizer, limit: int) -> tuple[list, list, str]:
+    """At most `limit` tokens of a rendered conversation: "kept", "dropped" (oldest non-system turns left out)
+    or "cut" (the newest turn alone was too long and lost its end)."""
+    if len(ids) <= limit:
+        return ids, learn, "kept"
+    openers = {tok.system_id, tok.user_id, tok.assistant_id, tok.tool_result_id}
+    starts = [i for i, t in enumerate(ids) if t in openers] + [len(ids)]
+    turns = [(a, b) for a, b in zip(starts, starts[1:], strict=False)]  # role tokens open every turn
+    system = {a for a, _ in turns if ids[a] == tok.system_id}
+    room = limit - 1 - sum(b - a for a, b in turns if a in system)  # 1 for <|bos|>
+    keep = set(system)
+    for a, b in reversed([t for t in turns if t[0] not in system]):
+        if b - a > room:
+            break
+        keep.add(a)
+        room -= b - a
+    status = "dropped"
+    if keep == system:  # not even the newest turn fits: keep its beginning
+        keep.add(turns[-1][0])
+        status = "cut"
+    chosen = [0] + [i for a, b in turns if a in keep for i in range(a, b)]
+    chosen = chosen[:limit]
+    return [ids[i] for i in chosen], [learn[i] for i in chosen], status
+
+
+def encode_dialogue(messages: list[dict], tok: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(x, y) of one conversation, at most seq_len long: y[i] = x's next token where it is assistant output, else
+    -1; and fit_turns' status."""
+    r = render(messages, tok)
+    ids, learn, status = fit_turns(r.ids, r.targets, tok, seq_len + 1)
+    ids_a, learn_a = np.asarray(ids, dtype=np.int64), np.asarray(learn, dtype=bool)
+    return ids_a[:-1], np.where(learn_a[1:], ids_a[1:], -1), status
+
+
+def encode_dialogues(dialogues: list[dict], tok: Tokenizer, seq_len: int) -> tuple[list, Counter]:
+    """Examples for PackedLoader, and counts of dropped/cut conversations and of those left with no target."""
+    examples, stats = [], Counter()
+    for d in dialogues:
+        x, y, status = encode_dialogue(d["messages"], tok, seq_len)
+        stats[status] += 1
+        if (y >= 0).any():
+            examples.append((x, y))
+        else:  # e.g. an assistant turn opens the dialogue and the user turns after it were kept
+            stats["no_target"] += 1
+    return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+class EpochStream:
+    """Positions in an endless sequence of epochs, each a list of items from `items_of(epoch)`.
+
+    A step takes the next `per_step` positions; every rank computes the same items and keeps its share (index
+    within the step = rank mod world_size), like TokenLoader. With repeat=False there is only epoch 0 and the
+    positions after it are None (padding for the evaluation's last batch).
+    """
+
+    def __init__(self, items_of: Callable[[int], list], repeat: bool = True):
+        self.items_of, self.repeat = items_of, repeat
+        self._items: dict[int, list] = {}
+        self.epoch, self.pos = 0, 0
+
+    def items(self, epoch: int) -> list:
+        if epoch not in self._items:
+            self._items = {e: v for e, v in self._items.items() if e >= epoch - 1}
+            self._items[epoch] = self.items_of(epoch)
+            if not self._items[epoch]:
+                raise ValueError("an epoch with no items")
+        return self._items[epoch]
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            if not self.repeat and self.epoch > 0:
+                out.append(None)
+                continue
+            out.append(self.items(self.epoch)[self.pos])
+            self.pos += 1
+            if self.pos == len(self.items(self.epoch)):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+
+def lengths_fingerprint(lengths: list[int]) -> str:
+    return xxhash.xxh64(np.asarray(lengths, dtype=np.int64).tobytes()).hexdigest()
+
+
+class PackedLoader:
+    """Endless (x, y, doc_ids) int64 batches [batch_size, seq_len] of conversations packed into rows.
+
+    `examples` are (x, y) arrays of at most seq_len tokens. Each epoch packs them in the order of a permutation
+    drawn from (shuffle_seed, epoch) (in order when shuffle_seed is None); see the module docstring. Padding is
+    pad_id with target -1 and a doc id of its own. state_dict/load_state_dict resume the stream exactly.
+    """
+
+    def __init__(
+        self,
+        examples: list[tuple[np.ndarray, np.ndarray]],
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        shuffle_seed: int | None = None,
+        repeat: bool = True,
+    ):
+        if not examples:
+            raise ValueError("no examples to load")
+        too_long = [i for i, (x, _) in enumerate(examples) if len(x) > seq_len]
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} examples exceed seq_len={seq_len} (the first is #{too_long[0]})"
+            )
+        self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.shuffle_seed = shuffle_seed
+        self.lengths = [len(x) for x, _ in examples]
+        self.stream = EpochStream(self._pack, repeat)
+        self.rows_per_epoch = len(self.stream.items(0))
+        self.batches_per_epoch = math.ceil(self.rows_per_epoch / (batch_size * world_size))
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        """The rows of `epoch`: lists of example indices, filled in order until the next one does not fit."""
+        n = len(self.examples)
+        order = (
+            range(n)
+            if self.shuffle_seed is None
+            else np.random.default_rng([self.shuffle_seed, epoch]).permutation(n)
+        )
+        rows, row, used = [], [], 0
+        for i in order:
+            if used + self.lengths[i] > self.seq_len:
+                rows.append(row)
+                row, used = [], 0
+            row.append(int(i))
+            used += self.lengths[i]
+        rows.append(row)
+        return rows
+
+    def _row(self, members: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        y = np.full(self.seq_len, -1, dtype=np.int64)
+        doc = np.zeros(self.seq_len, dtype=np.int64)
+        at = 0
+        for k, i in enumerate(members or []):
+            ex, ey = self.examples[i]
+            x[at : at + len(ex)], y[at : at + len(ex)], doc[at : at + len(ex)] = ex, ey, k
+            at += len(ex)
+        doc[at:] = len(members or [])  # padding is a document of its own
+        return x, y, doc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step = self.stream.take(self.batch_size * self.world_size)
+        rows = [self._row(m) for m in step[self.rank :: self.world_size]]
+        return tuple(torch.from_numpy(np.stack(parts)).to(self.device) for parts in zip(*rows, strict=True))
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.stream.epoch,
+            "pos": self.stream.pos,
+            "seq_len": self.seq_len,
+            "shuffle_seed": self.shuffle_seed,
+            "examples": lengths_fingerprint(self.lengths),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {
+            "seq_len": self.seq_len,
+            "shuffle_seed": self.shuffle_seed,
+            "examples": lengths_fingerprint(self.lengths),
+        }
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(
+                f"loader state was taken over other data or settings (saved {theirs}, now {mine}): "
+                "resume with the same --data and seq_len"
+            )
+        self.stream.epoch, self.stream.pos = state["epoch"], state["pos"]
+        if self.stream.pos >= len(self.stream.items(self.stream.epoch)):
+            raise ValueError(f"loader state points past its epoch: {state}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def assistant_loss_fn(dist: Dist) -> Callable:
+    """Mean cross-entropy over the assistant tokens of the whole step (all ranks' micro-batches together).
+
+    Each rank divides its summed nats by the step's token count over all ranks (times world_size, since DDP and
+    FSDP average gradients): rows hold different numbers of assistant tokens, and a per-rank mean would weigh a
+    token by how crowded its rank's batch was, so 2 ranks would not train like 1 process.
+    """
+
+    def loss_fn(model, batch):
+        x, y, doc = batch
+        logits = model(x, doc_ids=doc)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        (tokens,) = dist.sum([float((y >= 0).sum())])
+        return nats * dist.world_size / max(tokens, 1.0)
+
+    return loss_fn
+
+
+def assistant_eval_fn(dist: Dist, max_batches: int) -> Callable:
+    """val_loss: mean cross-entropy over the held-out assistant tokens (every rank runs the same batch count)."""
+
+    @torch.no_grad()
+    def eval_fn(model, val_loader: PackedLoader, autocast) -> dict:
+        model.eval()
+        nats = tokens = 0.0
+        for _ in range(min(val_loader.batches_per_epoch, max_batches)):
+            x, y, doc = next(val_loader)
+            with autocast():
+                logits = model(x, doc_ids=doc)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum"
+            )
+            nats += float(loss)
+            tokens += float((y >= 0).sum())
+        model.train()
+        nats, tokens = dist.sum([nats, tokens])
+        return {"val_loss": nats / max(tokens, 1.0)}
+
+    return eval_fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run setup shared with DPO
+
+
+def base_settings(base: str | Path) -> tuple[Path, Path, dict]:
+    """(base run dir, its checkpoint, its config.json)."""
+    run_dir, ckpt = resolve(base)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config.get("train"), dict):
+        raise ValueError(f"{run_dir}/config.json: no 'train' section to derive fine-tuning settings from")
+    return run_dir, ckpt, config
+
+
+def tuned_config(base_train: dict, lr_scale: float, overrides: dict, mcfg: ModelConfig) -> TrainConfig:
+    """The base run's TrainConfig with a scaled-down lr, no weight decay, grad_accum 1; then `overrides`."""
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - train_keys
+    if unknown:
+        raise ValueError(
+            f"unknown settings {sorted(unknown)}: expected TrainConfig fields (the model is the base's)"
+        )
+    base = TrainConfig(**{**base_train, "betas": tuple(base_train["betas"])})
+    tcfg = replace(
+        base,
+        lr=base.lr * lr_scale,
+        muon_lr=base.muon_lr * lr_scale,
+        weight_decay=0.0,
+        grad_accum=1,
+        eval_batches=EVAL_BATCHES,
+        compile=False,
+    )
+    tcfg = replace(tcfg, **overrides)
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"seq_len={tcfg.seq_len} exceeds the base model's max_seq_len={mcfg.max_seq_len}")
+    return tcfg
+
+
+def schedule_for(tcfg: TrainConfig, steps: int, overrides: dict) -> TrainConfig:
+    """Steps and the settings that follow from them (5% warmup, eval and checkpoint every 10%), unless given."""
+    derived = {"steps": steps, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 10)}
+    derived["save_every"] = overrides.get("eval_every", derived["eval_every"])
+    return replace(tcfg, **{k: v for k, v in derived.items() if k not in overrides})
+
+
+def start_run(out: Path, resume: bool, mcfg: ModelConfig, config: dict, tok_path: Path, dist: Dist) -> None:
+    """Check OUT, then write OUT/config.json and the tokenizer (rank 0)."""
+    check_run_dir(out, resume, mcfg)
+    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
+    if dist.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)  # bit-exact resume and rank-count invariance on CPU
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "config.json", "w") as f:
+            json.dump(config, f, indent=1)
+        copy_tokenizer(tok_path, out)
+    if resume and latest(out) is None:
+        dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def sft(
+    base: str | Path,
+    data: str | Path,
+    out: str | Path,
+    steps: int | None = None,
+    resume: bool = False,
+    parallel: str = "none",
+    compile: bool = False,
+    on_step=None,
+    **overrides,
+) -> dict:
+    """Fine-tune the run (or checkpoint) `base` on the dialogues in `data`; returns the last metrics record.
+
+    `data`: a directory holding dialogues.jsonl, or a JSONL file of {"messages": [...]} records. `overrides` set
+    TrainConfig fields by name (lr, batch_size, seq_len, eval_every, ...). OUT gets config.json ("stage": "sft"),
+    tokenizer.json, metrics.jsonl, checkpoints/ and rejects.jsonl when lines were rejected. resume=True continues
+    the newest checkpoint in OUT. `on_step(step, record)` is called after every optimizer step.
+    """
+    out = Path(out)
+    base_run, base_ckpt, base_config = base_settings(base)
+    path = data_file(data, "dialogues.jsonl")
+    dialogues, rejects = read_records(path, parse_dialogue)
+    if not dialogues:
+        first = f"; first: {rejects[0].file}:{rejects[0].line}: {rejects[0].reason}" if rejects else ""
+        raise ValueError(f"{path}: no usable dialogue ({len(rejects)} lines rejected{first})")
+    side = held_out([opening(d["messages"]) for d in dialogues])
+    if all(side):
+        raise ValueError(
+            f"{path}: {len(dialogues)} dialogue(s) all share one opening; nothing left to train on"
+        )
+
+    if steps is not None:
+        overrides["steps"] = steps
+    dist = distributed.setup(parallel)
+    try:
+        loaded = load_model(base_ckpt, dist.device)
+        tok, mcfg = loaded.tokenizer, loaded.config
+        tcfg = tuned_config(base_config["train"], LR_SCALE, {**overrides, "compile": compile}, mcfg)
+
+        train_d = [d for d, v in zip(dialogues, side, strict=True) if not v]
+        val_d = [d for d, v in zip(dialogues, side, strict=True) if v]
+        train_set, stats = encode_dialogues(train_d, tok, tcfg.seq_len)
+        val_set, val_stats = encode_dialogues(val_d, tok, tcfg.seq_len)
+        if not train_set or not val_set:
+            raise ValueError(
+                f"{path}: no dialogue with an assistant token left in the train or held-out split"
+            )
+        loader_args = (tcfg.batch_size, tcfg.seq_len, tok.pad_id, dist.rank, dist.world_size, dist.device)
+        train_loader = PackedLoader(train_set, *loader_args, shuffle_seed=tcfg.seed)
+        val_loader = PackedLoader(val_set, *loader_args, repeat=False)
+        epoch_steps = math.ceil(
+            train_loader.rows_per_epoch / (tcfg.batch_size * tcfg.grad_accum * dist.world_size)
+        )
+        tcfg = schedule_for(tcfg, overrides.get("steps", epoch_steps), overrides)
+
+        data_stats = {
+            "dialogues": len(dialogues),
+            "rejected_lines": len(rejects),
+            "train": len(train_set),
+            "held_out": len(val_set),
+            "truncated_turns_dropped": stats["dropped"] + val_stats["dropped"],
+            "truncated_turn_cut": stats["cut"] + val_stats["cut"],
+            "no_target": stats["no_target"] + val_stats["no_target"],
+            "rows_per_epoch": train_loader.rows_per_epoch,
+            "fill": sum(train_loader.lengths) / (train_loader.rows_per_epoch * tcfg.seq_len),
+        }
+        config = {
+            "stage": "sft",
+            "base": str(base_ckpt),
+            "data": str(path),
+            "parallel": parallel,
+            "world_size": dist.world_size,
+            "model": asdict(mcfg),
+            "train": asdict(tcfg),
+            "data_stats": data_stats,
+        }
+        start_run(out, resume, mcfg, config, base_run / "tokenizer.json", dist)
+        write_rejects(out, rejects, "dialogue lines", dist)
+        dist.log(
+            f"sft: {len(train_set):,} dialogues ({train_loader.rows_per_epoch:,} packed rows, "
+            f"{100 * data_stats['fill']:.0f}% filled), {len(val_set):,} held out; "
+            f"{data_stats['truncated_turns_dropped'] + data_stats['truncated_turn_cut']} truncated; "
+            f"{tcfg.steps} steps at lr {tcfg.lr:.2e}"
+        )
+        torch.manual_seed(tcfg.seed)
+        model = loaded.model.train()
+        record = train(
+            model,
+            tcfg,
+            train_loader,
+            val_loader,
+            out,
+            dist=dist,
+            loss_fn=assistant_loss_fn(dist),
+            eval_fn=assistant_eval_fn(dist, tcfg.eval_batches),
+            on_step=on_step,
+            resume=resume,
+            extra_state={"model_config": asdict(mcfg), "stage": "sft"},
+        )
+        dist.log(f"[green]sft finished: step {record.get('step')}, held-out loss {record.get('val_loss')}")
+        return record
+    finally:
+        distributed.teardown(dist)
