@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,9 +119,48 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1, default=str))
 
 
+SAMPLE_PROMPTS = [
+    "my flight was cancelled and nobody at the gate can tell me anything",
+    "what are you up to this weekend?",
+    "my bag never arrived in Denver, can you help?",
+]
+
+
+def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
+    """One greedy and one sampled reply per prompt, batched through the engine."""
+    from myna.infer.engine import Engine, SamplingParams
+    from myna.runs import load_model
+    from myna.template import render_prompt
+
+    loaded = load_model(run)
+    with Engine(loaded.model, loaded.tokenizer, max_batch=8) as engine:
+        requests = [
+            (
+                p,
+                name,
+                engine.submit(render_prompt([{"role": "user", "content": p}], loaded.tokenizer).ids, params),
+            )
+            for p in prompts
+            for name, params in (
+                ("greedy", SamplingParams(max_tokens=48, temperature=0)),
+                ("t=0.8", SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0)),
+            )
+        ]
+        table = Table(title=f"chat samples ({run.name}, step {loaded.step})", title_justify="left")
+        table.add_column("user")
+        table.add_column("decoding")
+        table.add_column("assistant")
+        for prompt, name, request in requests:
+            result = request.result()
+            table.add_row(prompt, name, result.text + ("…" if result.finish_reason == "length" else ""))
+    console.print(table)
+
+
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from myna.data import pipeline
+    from myna.train.dpo import dpo
     from myna.train.pretrain import pretrain
+    from myna.train.sft import sft
 
     sample = Path(args.sample)
     if not sample.is_dir():
@@ -131,13 +171,33 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     log(f"[bold]speedrun[/bold] on {sample} -> {out}")
     summary = pipeline.prepare([sample / "posts", sample / "conversations"], out / "data", cfg)
     print_summary(summary)
-    # resume=True: a second speedrun continues (or finds finished) the base run instead of refusing to overwrite it
+    # resume=True everywhere: a second speedrun continues (or finds finished) each run instead of refusing
     last = pretrain(out / "data", out / "base", preset=args.preset, steps=args.steps, resume=True)
     log(
         f"base model: step {last['step']}, val loss {last.get('val_loss', float('nan')):.4f}, "
         f"val bits-per-byte {last.get('val_bpb', float('nan')):.4f}"
     )
+    last = sft(out / "base", out / "data", out / "sft", steps=args.sft_steps, resume=True)
+    log(
+        f"chat model (SFT): step {last['step']}, held-out assistant loss {last.get('val_loss', float('nan')):.4f}"
+    )
+    chat = out / "sft"
+    pairs = out / "data" / "prefs.jsonl"
+    if pairs.is_file() and pairs.stat().st_size > 0:
+        last = dpo(out / "sft", out / "data", out / "dpo", resume=True)
+        log(
+            f"DPO: step {last['step']}, held-out pair accuracy {last.get('val_pair_accuracy', float('nan')):.3f}, "
+            f"reward margin {last.get('val_reward_margin', float('nan')):.3f}"
+        )
+        chat = out / "dpo"
+    else:
+        log("DPO skipped: the data has no preference pairs (reply trees with like counts)")
+    print_chat_samples(chat)
     log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
+    if not args.no_serve:
+        from myna.serve.api import serve
+
+        serve(chat, host=args.host, port=args.port)  # prints the URL; Ctrl-C stops it
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -153,6 +213,129 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         parallel=args.parallel,
         compile=args.compile,
     )
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from myna.train.sft import sft
+
+    sft(
+        args.base,
+        args.data,
+        args.out,
+        steps=args.steps,
+        resume=args.resume,
+        parallel=args.parallel,
+        compile=args.compile,
+    )
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from myna.train.dpo import dpo
+
+    dpo(
+        args.base,
+        args.data,
+        args.out,
+        steps=args.steps,
+        beta=args.beta,
+        resume=args.resume,
+        parallel=args.parallel,
+    )
+
+
+def _sampling(args: argparse.Namespace, stop_token_ids: tuple[int, ...] = ()):
+    from myna.infer.engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        stop_token_ids=stop_token_ids,
+    )
+
+
+def _policy(spec: str | None):
+    from myna.moderation import Policy
+
+    if spec in (None, "default"):
+        return Policy.default()
+    return Policy.off() if spec == "off" else Policy.load(spec)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from myna.infer.engine import Engine
+    from myna.runs import load_model
+    from myna.template import render_prompt
+
+    loaded = load_model(args.ckpt, args.device)
+    tok = loaded.tokenizer
+    if args.chat:
+        ids = render_prompt([{"role": "user", "content": args.prompt}], tok).ids
+        params = _sampling(args)
+    else:
+        # a raw continuation: documents in the pre-training shards end where the next <|bos|> starts
+        ids = [tok.bos_id, *tok.encode(args.prompt)]
+        params = _sampling(args, stop_token_ids=(tok.bos_id,))
+    with Engine(loaded.model, tok, max_batch=1, use_cache=not args.no_kv_cache) as engine:
+        request = engine.submit(ids, params)
+        for delta in request:
+            if not args.json:
+                print(delta, end="", flush=True)
+        result = request.result()
+    if args.json:
+        decode_s = max(result.total_s - result.ttft_s, 1e-9)
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "ttft_s": round(result.ttft_s, 4),
+                    "total_s": round(result.total_s, 4),
+                    "decode_tokens_per_s": round(max(result.completion_tokens - 1, 0) / decode_s, 1),
+                    "kv_cache": not args.no_kv_cache,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from myna.infer.chat import ChatSession, run_terminal
+    from myna.infer.engine import Engine
+    from myna.runs import load_model
+
+    loaded = load_model(args.ckpt, args.device)
+    log(f"loaded {loaded.checkpoint} (step {loaded.step}, {loaded.model.num_params() / 1e6:.1f}M parameters)")
+    with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
+        session = ChatSession(engine, _sampling(args), _policy(args.policy), system=args.system or "")
+        run_terminal(session)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from myna.serve.api import serve
+
+    serve(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        policy=_policy(args.policy),
+        device=args.device,
+    )
+
+
+def serve_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="cpu", help="model to pre-train (default cpu: about 10 minutes on 2 cores)"
     )
     s.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
+    s.add_argument("--no-serve", action="store_true", help="end after the chat samples instead of serving")
+    serve_flags(s)
+    s.add_argument(
+        "--sft-steps",
+        type=int,
+        default=200,
+        help="SFT steps (default 200: a third of an epoch, ~3 min on 2 cores)",
+    )
     data_flags(s)
     s.set_defaults(fn=cmd_speedrun)
 
@@ -217,6 +408,82 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.set_defaults(fn=cmd_pretrain)
+
+    def tune_flags(sp: argparse.ArgumentParser, base_help: str, data_help: str) -> None:
+        sp.add_argument("--base", required=True, help=base_help)
+        sp.add_argument("--data", required=True, help=data_help)
+        sp.add_argument("--out", required=True, help="run directory for the tuned model")
+        sp.add_argument("--steps", type=int, help="optimizer steps (default: scaled to the data)")
+        sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        sp.add_argument(
+            "--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism"
+        )
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on dialogues (loss on assistant turns only)")
+    tune_flags(
+        f,
+        "pre-trained run (or one of its checkpoints)",
+        "data directory (its dialogues.jsonl) or a JSONL file of OpenAI-messages records",
+    )
+    f.add_argument("--compile", action="store_true", help="torch.compile the model")
+    f.set_defaults(fn=cmd_sft)
+
+    o = sub.add_parser("dpo", help="Direct Preference Optimisation on engagement pairs against the SFT model")
+    tune_flags(
+        o, "SFT run (also the frozen reference)", "data directory (its prefs.jsonl) or a prefs JSONL file"
+    )
+    o.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
+    o.set_defaults(fn=cmd_dpo)
+
+    def sampling_flags(sp: argparse.ArgumentParser, max_tokens: int) -> None:
+        sp.add_argument(
+            "--ckpt", required=True, help="run directory (newest checkpoint) or a checkpoint folder"
+        )
+        sp.add_argument(
+            "--max-tokens", type=int, default=max_tokens, help=f"most new tokens (default {max_tokens})"
+        )
+        sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+        sp.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (0 = off)")
+        sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+        sp.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default 1.1)")
+        sp.add_argument("--seed", type=int, help="sampling seed, for a reproducible output")
+        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+
+    g = sub.add_parser("generate", help="complete a raw prompt (or one chat turn with --chat)")
+    sampling_flags(g, 128)
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as one user turn of the chat template"
+    )
+    g.add_argument(
+        "--no-kv-cache", action="store_true", help="re-run the whole sequence each token (baseline)"
+    )
+    g.add_argument("--json", action="store_true", help="print one JSON object with token counts and timings")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser(
+        "chat", help="chat with a model in the terminal (streamed; /reset, /system, /temperature)"
+    )
+    sampling_flags(c, 256)
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--policy", help="moderation policy: a JSON file, 'default' (label only) or 'off'")
+    c.set_defaults(fn=cmd_chat)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible API and the web chat page")
+    v.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or a checkpoint folder")
+    serve_flags(v)
+    v.add_argument(
+        "--api-key",
+        default=os.environ.get("MYNA_API_KEY"),
+        help="require this bearer key (default $MYNA_API_KEY)",
+    )
+    v.add_argument(
+        "--max-concurrency", type=int, default=32, help="requests in flight; more get 429 (default 32)"
+    )
+    v.add_argument("--policy", help="moderation policy: a JSON/TOML file, 'default' (label only) or 'off'")
+    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    v.set_defaults(fn=cmd_serve)
     return p
 
 

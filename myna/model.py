@@ -5,9 +5,11 @@ RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> lm_head. No biases anywhe
 F.scaled_dot_product_attention, so CUDA picks flash kernels; the same code runs on CPU.
 
 A KVCache lets the inference engine feed a prompt (prefill) and then one token at a time (decode); the
-forward writes each layer's new keys and values into the cache and attends over everything cached so far.
+forward writes each layer's new keys and values into the cache and attends over everything cached so far. Each
+cache row keeps its own length, so rows holding different requests decode together (continuous batching).
 """
 
+import copy
 import math
 
 import torch
@@ -38,17 +40,24 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by position: the two halves of each head form the (real, imaginary) pairs."""
+    """Rotate x [B, T, H, D] by position: the two halves of each head form the (real, imaginary) pairs.
+
+    cos and sin are [T, D // 2] (every row at the same positions) or [B, T, D // 2] (each row its own).
+    """
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, each [B, n_kv_head, max_len, head_dim].
+    """Preallocated keys and values for every layer, each [B, n_kv_head, max_len, head_dim], and the number of
+    tokens each row holds.
 
-    `pos` counts the tokens already cached; GPT.forward advances it after its last layer.
+    Rows fill independently: the inference engine keeps one request per row, each at its own length, and decodes
+    them in one forward. `lengths` lives on the host because it sets shapes (how many keys attention reads);
+    GPT.forward calls `begin` before its first layer and `advance` after its last. `rows(a, b)` is a view of
+    rows [a, b) over the same storage, so a forward on the view fills just those rows.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
@@ -56,19 +65,66 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
-        self.pos = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self._write = None  # (row index [B, 1], positions [B, T], end) of the forward in progress
+
+    @property
+    def pos(self) -> int:
+        """The length all rows share (a batch fed in lockstep); an error when rows differ."""
+        if int(self.lengths.min()) != int(self.lengths.max()):
+            raise ValueError(f"rows hold different lengths {self.lengths.tolist()}: there is no single pos")
+        return int(self.lengths[0])
 
     def reset(self) -> None:
-        self.pos = 0  # old entries are overwritten before they are read again
+        self.lengths.zero_()  # old entries are overwritten before they are read again
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own, sharing this one's storage and lengths."""
+        view = copy.copy(self)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row dst hold what row src holds (the engine refills a freed row with its last one)."""
+        n = int(self.lengths[src])
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    def begin(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plan a forward of T new tokens per row: their absolute positions [B, T], and the attention mask.
+
+        The mask [B, 1, T, end] lets the query at position p see keys 0..p of its own row, where end is the
+        longest row's new length, so attention reads only that far. It is None where the plain kernel is
+        exact: empty rows (causal attention over the new tokens) or one new token after equally long rows.
+        """
+        past, longest = int(self.lengths.min()), int(self.lengths.max())
+        end = longest + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache full: {longest} cached + {T} new > max_len={self.max_len}")
+        pos = (self.lengths[:, None] + torch.arange(T)).to(device)
+        rows = torch.arange(pos.size(0), device=device)[:, None]
+        self._write = (rows, pos, end)
+        mask = None
+        if past != longest or (T > 1 and past > 0):
+            mask = (torch.arange(end, device=device) <= pos[:, :, None])[:, None]
+        return pos, mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv_head, T, D] at [pos, pos+T) and return the cached [0, pos+T)."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KVCache full: {self.pos} cached + {k.size(2)} new > max_len={self.max_len}")
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Write k, v [B, n_kv_head, T, D] at the planned positions; return every row's keys/values [0, end)."""
+        rows, pos, end = self._write
+        cache_k, cache_v = self.k[layer], self.v[layer]
+        # advanced indices around a slice put their dimensions first: the target is [B, T, n_kv_head, D]
+        cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
+        return cache_k[:, :, :end], cache_v[:, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+        self._write = None
 
 
 class Attention(nn.Module):
@@ -90,7 +146,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None,
-        doc_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
@@ -101,15 +157,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
-        mask, causal = doc_mask, doc_mask is None
         if kv_cache is not None:
-            past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be held in another dtype than autocast's
-            if past > 0:
-                causal = False
-                if T > 1:  # query i sits at absolute position past+i and sees keys 0..past+i
-                    mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        # without a mask: causal over the new tokens, or (one new token) every cached key
+        causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
@@ -145,9 +197,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None,
-        doc_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, doc_mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -222,29 +274,33 @@ class GPT(nn.Module):
     ):
         """idx [B, T] -> logits [B, T, vocab]; with targets -> (logits, loss); return_hidden -> (that, hidden).
 
-        With a kv_cache, positions continue from kv_cache.pos and this call's keys/values are appended.
+        With a kv_cache, each row continues from its own cached length and this call's keys/values are appended.
         doc_ids [B, T] marks which packed document each token belongs to: attention stays causal and within one
         document, so several conversations share a row without seeing each other. RoPE is relative, so a
         document packed at offset 200 gets the same attention as one starting at 0.
         """
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        start = int(kv_cache.lengths.max()) if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence reaches position {start + T} > max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
-        doc_mask = None
-        if doc_ids is not None:
-            if kv_cache is not None:
+        mask = None
+        if kv_cache is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            if doc_ids is not None:
                 raise ValueError("doc_ids (packed training rows) and kv_cache (decoding) do not combine")
+            pos, mask = kv_cache.begin(T, idx.device)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        if doc_ids is not None:
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-            doc_mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
 
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, doc_mask)
+            x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
 

@@ -42,7 +42,9 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     if (path / "state.json").is_file():
         return path.parent.parent, path
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no config.json) nor a checkpoint (no state.json)")
+        raise FileNotFoundError(
+            f"{path}: not a run directory (no config.json) nor a checkpoint (no state.json)"
+        )
     ckpt = checkpoint.latest(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path}/checkpoints: no finished checkpoint to load")

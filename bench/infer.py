@@ -1,0 +1,143 @@
+"""Inference speed of the engine: decode tokens/s for 1 and N concurrent streams, with and without the KV cache,
+and time to first token. Each number is the median of several runs after a warm-up.
+
+    python bench/infer.py [--ckpt RUN] [--device cpu|cuda] [--streams 1,8] [--prompt-tokens 32]
+                          [--max-tokens 64] [--runs 3]
+
+Without --ckpt the model is the `cpu` preset's shape (vocab 8192) with random weights: speed depends on shapes
+only. Prompts are bundled tweets. All streams of a run are submitted together and sample at temperature 1 with
+their own seeds.
+
+Decode tokens/s counts every token after each stream's first, over the time from the last first token to the
+last finish (aggregate over the streams); TTFT is submit -> first token (median over streams), which includes
+the prefill and, for batched streams, waiting for the batch's shared prefill. Threads follow OMP_NUM_THREADS.
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TWEETS = REPO / "tests" / "fixtures" / "tok" / "tweets.txt"
+
+
+def load(ckpt: str | None, device: str):
+    import torch
+
+    from myna.config import preset
+    from myna.model import GPT
+    from myna.runs import load_model
+    from myna.tokenizer import train_tokenizer
+
+    if ckpt:
+        loaded = load_model(ckpt, device)
+        return loaded.model, loaded.tokenizer, f"{ckpt} (step {loaded.step})"
+    tok = train_tokenizer(TWEETS.read_text(encoding="utf-8").splitlines(), 8192)
+    cfg, _ = preset("cpu", vocab_size=8192)  # the tokenizer may be smaller: the engine samples its ids only
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(cfg).eval()
+    return model, tok, "cpu preset shape, random weights"
+
+
+def prompts(tok, n: int, length: int) -> list[list[int]]:
+    """n different prompts of exactly `length` tokens: consecutive slices of the tweets, repeated if need be."""
+    lines = TWEETS.read_text(encoding="utf-8").splitlines()
+    ids = [t for line in lines for t in (tok.bos_id, *tok.encode(line))]
+    ids *= -(-n * length // len(ids))
+    return [ids[i * length : (i + 1) * length] for i in range(n)]
+
+
+def run_once(engine, batch: list[list[int]], max_tokens: int) -> dict:
+    from myna.infer.engine import SamplingParams
+
+    requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens, seed=i)) for i, p in enumerate(batch)]
+    done = [r.result() for r in requests]
+    first = max(r.submitted + c.ttft_s for r, c in zip(requests, done, strict=True))
+    last = max(r.submitted + c.total_s for r, c in zip(requests, done, strict=True))
+    return {
+        "decode_tps": sum(c.completion_tokens - 1 for c in done) / (last - first),
+        "ttft_s": statistics.median(c.ttft_s for c in done),
+        "tokens": sum(c.completion_tokens for c in done),
+    }
+
+
+def measure(model, tok, counts: list[int], args) -> dict:
+    """Median results per (streams, cached). Configurations take turns within each run, so a change in the
+    machine's load hits all of them alike and the ratios stay meaningful on a shared machine."""
+    from myna.infer.engine import Engine, SamplingParams
+
+    configs = [(n, cached) for n in counts for cached in (True, False)]
+    engines = {c: Engine(model, tok, max_batch=c[0], use_cache=c[1]).start() for c in configs}
+    batches = {n: prompts(tok, n, args.prompt_tokens) for n in counts}
+    runs = {c: [] for c in configs}
+    try:
+        for c in configs:  # warm-up: allocator, kernels
+            engines[c].generate(batches[c[0]][0], SamplingParams(max_tokens=8, seed=0))
+        for _ in range(args.runs):
+            for c in configs:
+                runs[c].append(run_once(engines[c], batches[c[0]], args.max_tokens))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="a run or checkpoint dir (default: random weights, cpu preset shape)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent streams")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    model, tok, what = load(args.ckpt, args.device)
+    counts = [int(s) for s in args.streams.split(",")]
+    results = measure(model, tok, counts, args)
+
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    table = Table(
+        title=f"decode on {device}: {what}; prompt {args.prompt_tokens} tokens, {args.max_tokens} new, "
+        f"median of {args.runs}"
+    )
+    for col in (
+        "streams",
+        "KV cache",
+        "decode tok/s",
+        "per stream",
+        "TTFT ms",
+        "cache speed-up",
+        "vs 1 stream",
+    ):
+        table.add_column(col, justify="right")
+    one = results[(counts[0], True)]["decode_tps"]
+    for n in counts:
+        for cached in (True, False):
+            r = results[(n, cached)]
+            speedup = r["decode_tps"] / results[(n, False)]["decode_tps"]
+            table.add_row(
+                str(n),
+                "yes" if cached else "no",
+                f"{r['decode_tps']:,.0f}",
+                f"{r['decode_tps'] / n:,.1f}",
+                f"{1000 * r['ttft_s']:,.1f}",
+                f"{speedup:.2f}x" if cached else "",
+                f"{r['decode_tps'] / one:.2f}x" if cached else "",
+            )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The web page in headless Chromium (Debian's `chromium`, driven by Playwright; no browser download): send a
+message and watch the reply stream in, keep two conversations and switch between them, survive a reload, send a
+system prompt and settings, show the server's error. Screenshots go to $MYNA_TEST_ARTIFACTS (default
+tests/artifacts/) for a person to look at."""
+
+import os
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+from test_serve import KEY, LiveServer, hooks
+
+from myna.moderation import Policy
+from myna.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(os.environ.get("MYNA_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
+
+# Records the text of the newest assistant reply each time the message list changes.
+WATCH_REPLY = """() => {
+  window.seen = [];
+  const box = document.getElementById("messages");
+  new MutationObserver(() => {
+    const replies = box.querySelectorAll(".msg.assistant .content");
+    if (replies.length) window.seen.push(replies[replies.length - 1].textContent);
+  }).observe(box, { childList: true, subtree: true, characterData: true });
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    # 20 ms per forward: a 40-token reply takes about a second, slow enough to see it grow
+    live = LiveServer(
+        create_app(run_dir, api_key=KEY, policy=Policy.off(), on_load=hooks(slow=0.02, endless=True))
+    )
+    live.wait_ready()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def page(server):
+    assert CHROMIUM.exists(), f"{CHROMIUM} missing: install Debian's chromium package (.ci/run does)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    expect(page.locator("#messages .msg.assistant").last).to_have_attribute(
+        "data-state", "done", timeout=15000
+    )
+
+
+def test_chat_page_streams_keeps_conversations_and_shows_errors(server, page, run_dir):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(server.url + "/")
+    expect(page.locator("#status")).to_contain_text(run_dir.name)
+    expect(page.locator("#error")).to_contain_text("needs an API key")  # said before anything fails
+    page.click("#settings summary")
+    page.fill("#api_key", KEY)
+    page.fill("#max_tokens", "40")
+    page.fill("#system", "You are terse.")
+    requests = []
+    page.on(
+        "request",
+        lambda r: requests.append(r.post_data_json) if r.url.endswith("/chat/completions") else None,
+    )
+
+    # 1. the reply streams in: several partial texts, each a prefix of the final one
+    page.evaluate(WATCH_REPLY)
+    send(page, "hello myna")
+    first = page.locator("#messages .msg.assistant .content").last.text_content()
+    partial = {s for s in page.evaluate("window.seen") if s and s != first}
+    assert len(partial) >= 2 and all(first.startswith(s) for s in partial), (partial, first)
+    assert requests[0]["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello myna"},
+    ]
+    assert (
+        requests[0]["max_tokens"] == 40
+        and requests[0]["stream"] is True
+        and requests[0]["model"] == run_dir.name
+    )
+    expect(page.locator("#error")).to_be_hidden()
+
+    # 2. a second conversation, then back to the first, whose messages and system prompt come back
+    page.click("#new-chat")
+    expect(page.locator("#system")).to_have_value("")
+    send(page, "second conversation")
+    assert requests[1]["messages"] == [{"role": "user", "content": "second conversation"}]
+    expect(page.locator("#conversations li")).to_have_count(2)
+    page.locator("#conversations li", has_text="hello myna").click()
+    expect(page.locator("#messages .msg.user")).to_have_text(["hello myna"])
+    expect(page.locator("#messages .msg.assistant .content")).to_have_text([first])
+    expect(page.locator("#system")).to_have_value("You are terse.")
+    page.screenshot(path=str(ARTIFACTS / "web_chat.png"))
+
+    # 3. the conversations live in the browser: a reload keeps them, and the history goes with the next turn
+    page.reload()
+    expect(page.locator("#conversations li")).to_have_count(2)
+    expect(page.locator("#messages .msg.assistant .content")).to_have_text([first])
+    send(page, "and again")
+    assert [m["role"] for m in requests[2]["messages"]] == ["system", "user", "assistant", "user"]
+    assert requests[2]["messages"][2]["content"] == first
+
+    # 4. a wrong key: the server's error is shown, and the failed turn is marked
+    page.click("#settings summary")
+    page.fill("#api_key", "wrong-key")
+    send(page, "are you there")
+    expect(page.locator("#error")).to_contain_text("401: Incorrect API key")
+    expect(page.locator("#messages .msg.assistant.failed")).to_have_count(1)
+    page.screenshot(path=str(ARTIFACTS / "web_error.png"))
+    assert (ARTIFACTS / "web_chat.png").stat().st_size > 10_000
