@@ -271,8 +271,12 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ):
         """idx [B, T] -> logits [B, T, vocab]; with targets -> (logits, loss); return_hidden -> (that, hidden).
+
+        logits_at [B] picks one position per row: logits are then [B, 1, vocab], computed for those positions
+        only (inference needs the next token of each row's last real position; the rest of the lm_head is waste).
 
         With a kv_cache, each row continues from its own cached length and this call's keys/values are appended.
         doc_ids [B, T] marks which packed document each token belongs to: attention stays causal and within one
@@ -302,7 +306,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         hidden = self.norm(x)
-        logits = self.lm_head(hidden)
+        if logits_at is not None:
+            if targets is not None:
+                raise ValueError("logits_at (inference) and targets (training) do not combine")
+            logits = self.lm_head(hidden[torch.arange(B, device=idx.device), logits_at][:, None])
+        else:
+            logits = self.lm_head(hidden)
 
         out = logits
         if targets is not None:

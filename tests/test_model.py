@@ -295,3 +295,15 @@ def test_packed_documents_do_not_attend_to_each_other():
     torch.testing.assert_close(out[:, :7], alone_a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[:, 7:], alone_b, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(unmasked[:, 7:], alone_b, atol=1e-3)  # without the mask b sees a
+
+
+def test_logits_at_picks_one_position_per_row_like_the_full_logits():
+    torch.manual_seed(0)
+    model = GPT(small_cfg()).eval()
+    idx = torch.randint(0, 97, (3, 11))
+    at = torch.tensor([10, 0, 4])
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, logits_at=at)
+    assert picked.shape == (3, 1, 97)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at])

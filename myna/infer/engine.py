@@ -571,13 +571,14 @@ class Engine:
         chunk = max(1, PREFILL_TOKENS // len(seqs))
         last = torch.empty(len(seqs), self.vocab, device=self.device)
         for c in range(0, idx.size(1), chunk):
-            logits = self.model(idx[:, c : c + chunk], kv_cache=view)
-            # the rows whose last prompt token falls in this chunk
-            rows = [r for r, n in enumerate(lengths) if c < n <= c + logits.size(1)]
+            width = min(chunk, idx.size(1) - c)
+            # each row's last prompt position inside this chunk (clamped); only rows that end here are kept
+            at = (torch.tensor(lengths, device=self.device) - 1 - c).clamp(0, width - 1)
+            logits = self.model(idx[:, c : c + width], kv_cache=view, logits_at=at)
+            rows = [r for r, n in enumerate(lengths) if c < n <= c + width]
             if rows:
-                at = torch.tensor([lengths[r] - 1 - c for r in rows], device=self.device)
                 rows_t = torch.tensor(rows, device=self.device)
-                last[rows_t] = logits[rows_t, at, : self.vocab].float()
+                last[rows_t] = logits[rows_t, 0, : self.vocab].float()
         view.lengths.copy_(
             torch.tensor(lengths)
         )  # padded rows wrote past their end: those slots count as free
@@ -594,9 +595,8 @@ class Engine:
     def _full_forward(self, seqs: list[_Sequence]) -> torch.Tensor:
         """The uncached step: the whole of every sequence, right-padded (causal, so padding is never seen)."""
         idx, lengths = self._pad([s.ids for s in seqs])
-        rows = torch.arange(len(seqs), device=self.device)
         at = torch.tensor(lengths, device=self.device) - 1
-        return self.model(idx)[rows, at, : self.vocab].float()
+        return self.model(idx, logits_at=at)[:, 0, : self.vocab].float()
 
     def _sample_and_emit(self, logits: torch.Tensor, first_row: int) -> None:
         """Sample a token for rows [first_row, first_row + len(logits)), stream it, free finished rows."""
