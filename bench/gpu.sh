@@ -2,7 +2,8 @@
 # Training throughput on one GPU (H100/H200, < 5 minutes): prepares a data directory from data/sample, then
 # measures tokens/s, MFU and peak memory of the 124m, 350m and 1b presets in bf16 with torch.compile
 # (grad_accum 1, micro-batches sized to fit 80 GB, no checkpoint), plus a short FSDP run of 124m under
-# torchrun --nproc-per-node 1, and prints a table. Each number is the median over the second half of the steps
+# torchrun --nproc-per-node 1, and prints a table; then the inference engine's decode speed (1, 8 and 64 streams,
+# cached vs uncached, time to first token) on the 124m shape. Each number is the median over the second half of the steps
 # (the first ones include compilation).
 #
 #   bash bench/gpu.sh               # on the GPU machine
@@ -79,3 +80,10 @@ for r in rows:
     print(f"{r['preset']:<8} {r['mode']:<16} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {mfu:>7} "
           f"{r['peak_gib']:>9.1f} {r['loss']:>7.3f} {val:>7}")
 EOF
+
+echo "== inference engine (bench/infer.py)"
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+    python bench/infer.py --preset tiny --streams 1,2 --max-tokens 8 --runs 1
+else
+    python bench/infer.py --preset 124m --device cuda --streams 1,8,64 --prompt-tokens 128 --max-tokens 128 --runs 3
+fi

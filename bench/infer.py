@@ -1,7 +1,7 @@
 """Inference speed of the engine: decode tokens/s for 1 and N concurrent streams, with and without the KV cache,
 and time to first token. Each number is the median of several runs after a warm-up.
 
-    python bench/infer.py [--ckpt RUN] [--device cpu|cuda] [--streams 1,8] [--prompt-tokens 32]
+    python bench/infer.py [--ckpt RUN | --preset P] [--device cpu|cuda] [--streams 1,8] [--prompt-tokens 32]
                           [--max-tokens 64] [--runs 3]
 
 Without --ckpt the model is the `cpu` preset's shape (vocab 8192) with random weights: speed depends on shapes
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 TWEETS = REPO / "tests" / "fixtures" / "tok" / "tweets.txt"
 
 
-def load(ckpt: str | None, device: str):
+def load(ckpt: str | None, device: str, preset_name: str = "cpu"):
     import torch
 
     from myna.config import preset
@@ -35,11 +35,13 @@ def load(ckpt: str | None, device: str):
         loaded = load_model(ckpt, device)
         return loaded.model, loaded.tokenizer, f"{ckpt} (step {loaded.step})"
     tok = train_tokenizer(TWEETS.read_text(encoding="utf-8").splitlines(), 8192)
-    cfg, _ = preset("cpu", vocab_size=8192)  # the tokenizer may be smaller: the engine samples its ids only
+    cfg, _ = preset(
+        preset_name, vocab_size=8192
+    )  # the tokenizer may be smaller: the engine samples its ids only
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg).eval()
-    return model, tok, "cpu preset shape, random weights"
+    return model, tok, f"{preset_name} preset shape, random weights"
 
 
 def prompts(tok, n: int, length: int) -> list[list[int]]:
@@ -89,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="a run or checkpoint dir (default: random weights, cpu preset shape)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="cpu", help="model shape without --ckpt (default cpu)")
     ap.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent streams")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -99,7 +102,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    model, tok, what = load(args.ckpt, args.device)
+    model, tok, what = load(args.ckpt, args.device, args.preset)
     counts = [int(s) for s in args.streams.split(",")]
     results = measure(model, tok, counts, args)
 
