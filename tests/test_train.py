@@ -81,6 +81,9 @@ def test_tiny_learns_well_below_unigram_entropy(sample_data: Path, tmp_path: Pat
     assert checkpoint.latest(run).name == "step_00000200"
     with pytest.raises(FileExistsError, match="--resume"):
         pretrain(sample_data, run, preset="tiny", steps=10)
+    # resuming the finished run (as a second speedrun does) trains nothing and returns its final record
+    assert pretrain(sample_data, run, preset="tiny", steps=200, resume=True) == rows[-1]
+    assert len(metrics(run)) == 200
 
 
 RUN_SCRIPT = """

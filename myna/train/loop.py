@@ -136,6 +136,11 @@ class _Metrics:
             self.tb.close()
 
 
+def _last_record(path: Path) -> dict:
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 def _progress_bar(total: int, start: int) -> Progress:
     bar = Progress(
         TextColumn("[bold]train"),
@@ -228,7 +233,8 @@ def train(
     bar = _progress_bar(cfg.steps, start) if dist.is_main else None
     if bar is not None:
         bar.start()
-    record: dict = {}
+    # a finished run that is resumed does no step: its result is the last record it wrote
+    record: dict = _last_record(run_dir / "metrics.jsonl") if start >= cfg.steps else {}
     t_log, steps_since_log = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
