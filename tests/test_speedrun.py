@@ -1,0 +1,96 @@
+"""`myna speedrun` end to end on a cut of the bundled sample, as a user runs it: data, pre-training, SFT, chat
+samples, then serving the chat model (stopped by the test), and a second run with --no-serve that finds every
+stage done."""
+
+import gzip
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def head(src: Path, dst: Path, n: int) -> None:
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        dst.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
+    sample = tmp_path / "sample"
+    (sample / "posts").mkdir(parents=True)
+    (sample / "conversations").mkdir()
+    head(SAMPLE / "posts" / "sentiment140_negative.txt.gz", sample / "posts" / "neg.txt", 2000)
+    conv = sorted((SAMPLE / "conversations").glob("*.conversations.jsonl*"))[0]
+    head(conv, sample / "conversations" / "c.conversations.jsonl", 120)
+    port = free_port()
+    flags = ["--sample", str(sample), "--out", str(tmp_path / "run"), "--vocab-size", "400", "--workers", "1"]
+    flags += ["--preset", "tiny", "--steps", "6", "--sft-steps", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "myna", "speedrun", *flags, "--port", str(port)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # until the server prints its URL
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if f"http://127.0.0.1:{port}/" in line:
+                break
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{port}/" in out, out
+        assert "data funnel" in out and "base model: step 6" in out
+        assert "chat model (SFT): step 4" in out and "DPO skipped" in out and "chat samples" in out
+        assert (tmp_path / "run" / "sft" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+
+        health = {}
+        for _ in range(100):  # the model loads in the background after the server is up
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    health = json.load(r)
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert health.get("model") == "sft", health
+        body = json.dumps({"model": "sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            body.encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            reply = json.load(r)
+        assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    again = subprocess.run(
+        [sys.executable, "-m", "myna", "speedrun", *flags, "--no-serve"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "chat model (SFT): step 4" in again.stderr and "http://" not in again.stderr + again.stdout
+    assert re.search(r"speedrun finished in [\d.]+ s", again.stderr)
