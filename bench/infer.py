@@ -10,7 +10,8 @@ their own seeds.
 
 Decode tokens/s counts every token after each stream's first, over the time from the last first token to the
 last finish (aggregate over the streams); TTFT is submit -> first token (median over streams), which includes
-the prefill and, for batched streams, waiting for the batch's shared prefill. Threads follow OMP_NUM_THREADS.
+the prefill and, for batched streams, waiting for the batch's shared prefill. Threads: --threads, else those of
+`myna serve` (OMP_NUM_THREADS, or 1 on CPU).
 """
 
 import argparse
@@ -96,9 +97,17 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads on CPU (default: 1, as myna serve/chat use)")
     args = ap.parse_args()
 
     import torch
+
+    from myna.infer.engine import set_cpu_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_cpu_threads(args.device)
     from rich.console import Console
     from rich.table import Table
 

@@ -128,10 +128,11 @@ SAMPLE_PROMPTS = [
 
 def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
     """One greedy and one sampled reply per prompt, batched through the engine."""
-    from myna.infer.engine import Engine, SamplingParams
+    from myna.infer.engine import Engine, SamplingParams, set_cpu_threads
     from myna.runs import load_model
     from myna.template import render_prompt
 
+    set_cpu_threads("cpu")  # training is over: from here on this process serves
     loaded = load_model(run)
     with Engine(loaded.model, loaded.tokenizer, max_batch=8) as engine:
         requests = [
@@ -267,10 +268,11 @@ def _policy(spec: str | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from myna.infer.engine import Engine
+    from myna.infer.engine import Engine, set_cpu_threads
     from myna.runs import load_model
     from myna.template import render_prompt
 
+    set_cpu_threads(args.device)
     loaded = load_model(args.ckpt, args.device)
     tok = loaded.tokenizer
     if args.chat:
@@ -309,9 +311,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from myna.infer.chat import ChatSession, run_terminal
-    from myna.infer.engine import Engine
+    from myna.infer.engine import Engine, set_cpu_threads
     from myna.runs import load_model
 
+    set_cpu_threads(args.device)
     loaded = load_model(args.ckpt, args.device)
     log(f"loaded {loaded.checkpoint} (step {loaded.step}, {loaded.model.num_params() / 1e6:.1f}M parameters)")
     with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:

@@ -37,7 +37,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from myna.infer.engine import Engine, SamplingParams
+from myna.infer.engine import Engine, SamplingParams, set_cpu_threads
 from myna.infer.engine import Request as EngineRequest
 from myna.moderation import Policy, StreamGuard, moderate_exchange
 from myna.progress import log
@@ -813,6 +813,7 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve a run until interrupted: the OpenAI API under /v1 and the web chat at /."""
+    set_cpu_threads(device)
     app = create_app(
         ckpt,
         api_key=api_key,
