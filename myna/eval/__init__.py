@@ -1,0 +1,1 @@
+"""Evaluation: classifiers on a pre-trained Myna model and the TweetEval benchmark."""

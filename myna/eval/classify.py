@@ -1,0 +1,633 @@
+"""Text classifiers on a pre-trained Myna model: a pooled linear head on the GPT body.
+
+Two modes:
+- finetune: body and head trained together with AdamW, the body at a lower learning rate than the fresh head;
+- probe: the body stays frozen, its pooled features are computed once and a logistic-regression head is trained
+  on them (fast; tells how much the pre-trained features alone carry).
+Pooling is the mean of the final-normed hidden states over the real (non-pad) tokens, or the last token's state.
+Training stops early on the validation metric (macro-F1 unless the caller gives another); the best epoch's weights
+are kept. A temperature fitted on val (Guo et al. 2017) makes the softmax probabilities calibrated; the expected
+calibration error before and after is reported.
+
+A trained classifier is a folder: classifier.json (labels, settings, metrics, base checkpoint, model shape),
+head.safetensors, body.safetensors (finetune only; a probe reads its frozen body from the base checkpoint) and the
+tokenizer.json it was trained with.
+"""
+
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from myna.config import ModelConfig
+from myna.io import atomic_dir, atomic_write, open_binary
+from myna.model import GPT
+from myna.progress import Progress, log
+from myna.runs import Loaded, load_model
+from myna.tokenizer import Tokenizer
+
+Label = str | int
+_INT = re.compile(r"-?\d+")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading labelled text
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    labels: list[Label | None]  # None for unlabelled rows (prediction input)
+    source: str = "<memory>"
+    lines: list[int] = field(default_factory=list)  # 1-based line of each row in `source`
+
+
+def _file_format(path: Path, first_line: str) -> str:
+    name = path.name.removesuffix(".gz").removesuffix(".zst")
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".tsv"):
+        return "tsv"
+    return "jsonl" if first_line.lstrip().startswith("{") else "tsv"
+
+
+def read_examples(path: str | Path, require_labels: bool = True) -> Examples:
+    """Rows of a JSONL file ({"text": str, "label": str|int}) or a TSV file (text<TAB>label); gzip/zstd ok.
+
+    TSV labels that spell an integer become ints. With require_labels=False (prediction input) the label is
+    optional: a JSONL row may omit it and a TSV line without a tab is all text. A bad row raises ValueError
+    naming the file and line.
+    """
+    path = Path(path)
+    with open_binary(path) as f:
+        raw = f.read()
+    texts: list[str] = []
+    labels: list[Label | None] = []
+    lines: list[int] = []
+    fmt = None
+    rows = raw.split(b"\n")
+    for lineno, line_bytes in enumerate(rows, 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = line_bytes.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+            if lineno == len(rows):
+                break  # the empty tail after the final newline
+            raise ValueError(f"{where}: empty line; expected a row")
+        fmt = fmt or _file_format(path, line)
+        text, label = _parse_jsonl(line, where, require_labels) if fmt == "jsonl" else _parse_tsv(line)
+        if not text.strip():
+            raise ValueError(f"{where}: empty text")
+        if require_labels and label is None:
+            raise ValueError(
+                f"{where}: no label; expected text<TAB>label" if fmt == "tsv" else f"{where}: no label"
+            )
+        texts.append(text)
+        labels.append(label)
+        lines.append(lineno)
+    if not texts:
+        raise ValueError(f"{path}: no rows")
+    return Examples(texts, labels, str(path), lines)
+
+
+def _parse_jsonl(line: str, where: str, require_labels: bool) -> tuple[str, Label | None]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'text' and 'label', got {type(row).__name__}")
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+    label = row.get("label")
+    if label is None and not require_labels:
+        return text, None
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"{where}: field 'label' must be a string or an integer, got {json.dumps(label)}")
+    if isinstance(label, str) and not label.strip():
+        raise ValueError(f"{where}: field 'label' is empty")
+    return text, label
+
+
+def _parse_tsv(line: str) -> tuple[str, Label | None]:
+    if "\t" not in line:
+        return line, None
+    text, label = line.rsplit("\t", 1)
+    label = label.strip()
+    if not label:
+        return text, None
+    return text, int(label) if _INT.fullmatch(label) else label
+
+
+def label_vocab(examples: Examples) -> list[Label]:
+    """The classes of a training set: ints in increasing order, strings in order of first appearance."""
+    kinds = {type(x) for x in examples.labels}
+    if kinds == {int}:
+        return sorted(set(examples.labels))  # type: ignore[type-var]
+    if kinds == {str}:
+        return list(dict.fromkeys(examples.labels))  # type: ignore[arg-type]
+    raise ValueError(f"{examples.source}: labels mix strings and integers; use one kind")
+
+
+def label_ids(examples: Examples, labels: Sequence[Label]) -> list[int]:
+    """Class index of every row; a label the classifier does not know is an error naming its line."""
+    index = {x: i for i, x in enumerate(labels)}
+    out = []
+    for k, x in enumerate(examples.labels):
+        if x not in index:
+            line = examples.lines[k] if examples.lines else k + 1
+            raise ValueError(
+                f"{examples.source}:{line}: label {x!r} is not one of the training labels {list(labels)}"
+            )
+        out.append(index[x])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics and calibration
+
+
+def class_scores(gold: Sequence, pred: Sequence) -> dict:
+    """Per-class precision, recall, F1 and support over the union of gold and predicted labels.
+
+    Undefined ratios (a class never predicted, or never present) count as 0, as scikit-learn's
+    classification_report does by default; macro averages run over the same union.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    hits = Counter(g for g, p in zip(gold, pred, strict=True) if g == p)
+    n_golds, n_preds = Counter(gold), Counter(pred)
+    out = {}
+    for c in sorted(n_golds.keys() | n_preds.keys(), key=str):
+        tp, n_pred, n_gold = hits[c], n_preds[c], n_golds[c]
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_gold if n_gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[c] = {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
+    return out
+
+
+def macro_f1(gold: Sequence, pred: Sequence) -> float:
+    scores = class_scores(gold, pred)
+    return sum(s["f1"] for s in scores.values()) / len(scores)
+
+
+def ece(probs: np.ndarray, gold: Sequence[int], bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| per confidence bin, weighted by the bin's share."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == np.asarray(gold)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(total)
+
+
+def fit_temperature(logits: torch.Tensor, gold: Sequence[int]) -> float:
+    """The T > 0 that minimises the NLL of softmax(logits / T) on held-out data (optimised in log T)."""
+    logits, target = logits.detach().float().cpu(), torch.tensor(list(gold))
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def body_hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states [B, T, C] of idx [B, T]: GPT.forward without the lm_head.
+
+    The vocabulary projection is ~40% of a small model's compute and a classifier never needs it. Rows are
+    right-padded: attention is causal, so padding after a text never changes that text's states.
+    """
+    T = idx.size(1)
+    if T > model.cfg.max_seq_len:
+        raise ValueError(f"sequence of {T} tokens > max_seq_len={model.cfg.max_seq_len}")
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x = model.tok_emb(idx)
+    for block in model.blocks:
+        x = block(x, cos, sin, None)
+    return model.norm(x)
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, C] -> [B, C]: mean over each row's first `lengths` positions, or the state at the last of them."""
+    if how == "last":
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
+    mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+
+
+class Classifier(nn.Module):
+    def __init__(self, body: GPT, n_classes: int, pooling: str):
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling={pooling!r}: expected 'mean' or 'last'")
+        self.body = body
+        self.pooling = pooling
+        self.head = nn.Linear(body.cfg.n_embd, n_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return pool(body_hidden(self.body, idx), lengths, self.pooling)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(idx, lengths))
+
+
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """bos + the text's tokens, cut to max_len (pre-training put bos before every document)."""
+    return [[tok.bos_id, *ids[: max_len - 1]] for ids in tok.encode_batch(texts)]
+
+
+def length_batches(
+    seqs: Sequence[Sequence[int]], batch_tokens: int, shuffle: random.Random | None
+) -> list[list[int]]:
+    """Indices grouped so each batch holds texts of similar length (little padding) and <= batch_tokens slots."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = max(longest, len(seqs[i]))
+        if cur and n * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, n = [], len(seqs[i])
+        cur.append(i)
+        longest = n
+    if cur:
+        batches.append(cur)
+    if shuffle is not None:
+        shuffle.shuffle(batches)
+    return batches
+
+
+def collate(
+    seqs: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [len(seqs[i]) for i in idx]
+    batch = torch.full((len(idx), max(lengths)), pad_id, dtype=torch.long)
+    for row, i in enumerate(idx):
+        batch[row, : len(seqs[i])] = torch.tensor(seqs[i])
+    return batch.to(device), torch.tensor(lengths, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class ClassifySettings:
+    mode: str = "finetune"  # "finetune" | "probe"
+    pooling: str = "mean"  # "mean" | "last"
+    epochs: int = 5  # at most; early stopping usually ends sooner
+    patience: int = 2  # validation checks without improvement before stopping
+    evals_per_epoch: int = 2
+    lr_body: float = 3e-4  # finetune: the pre-trained body moves slower than the fresh head
+    lr_head: float = 3e-3
+    probe_lr: float = 1e-2
+    probe_epochs: int = 300  # full-batch steps of the probe's logistic regression
+    weight_decay: float = 0.01
+    class_weight: bool = True  # inverse-frequency loss weights: the macro metrics reward the rare classes
+    max_len: int = 128  # tokens per text, bos included
+    batch_tokens: int = 1024  # padded token slots per training batch (~30 tweets)
+    seed: int = 0
+
+
+@dataclass
+class Trained:
+    model: Classifier
+    tokenizer: Tokenizer
+    labels: list[Label]
+    settings: ClassifySettings
+    temperature: float
+    base: str  # the checkpoint the body came from
+    report: dict
+
+
+@torch.no_grad()
+def _logits(
+    model: Classifier, seqs: list[list[int]], pad_id: int, batch_tokens: int, name: str = ""
+) -> torch.Tensor:
+    """Logits [N, K] in input order."""
+    model.eval()
+    device = model.head.weight.device
+    out = torch.empty(len(seqs), model.head.out_features)
+    batches = length_batches(seqs, batch_tokens, None)
+    with Progress(name or "predict", total=len(seqs), unit="texts") as bar:
+        for b in batches:
+            idx, lengths = collate(seqs, b, pad_id, device)
+            out[b] = model(idx, lengths).float().cpu()
+            bar.advance(len(b))
+    return out
+
+
+@torch.no_grad()
+def _features(
+    model: Classifier, seqs: list[list[int]], pad_id: int, batch_tokens: int, name: str
+) -> torch.Tensor:
+    model.eval()
+    device = model.head.weight.device
+    out = torch.empty(len(seqs), model.body.cfg.n_embd)
+    with Progress(name, total=len(seqs), unit="texts") as bar:
+        for b in length_batches(seqs, batch_tokens, None):
+            idx, lengths = collate(seqs, b, pad_id, device)
+            out[b] = model.features(idx, lengths).float().cpu()
+            bar.advance(len(b))
+    return out
+
+
+def _class_weights(y: list[int], k: int) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(y), minlength=k).float().clamp(min=1)
+    return len(y) / (k * counts)
+
+
+def fit(
+    base: Loaded,
+    train: Examples,
+    val: Examples,
+    settings: ClassifySettings | None = None,
+    metric: Callable[[list[Label], list[Label]], float] = macro_f1,
+) -> Trained:
+    """Train a classifier on `train`, choose its checkpoint and temperature on `val`.
+
+    `metric(gold, pred)` (on label values, higher is better) picks the checkpoint and drives early stopping.
+    base.model becomes the classifier's body (fine-tuning changes it in place): load a fresh one per classifier.
+    """
+    s = settings or ClassifySettings()
+    if s.mode not in ("finetune", "probe"):
+        raise ValueError(f"mode={s.mode!r}: expected 'finetune' or 'probe'")
+    labels = label_vocab(train)
+    if len(labels) < 2:
+        raise ValueError(f"{train.source}: only one label ({labels[0]!r}); a classifier needs two or more")
+    y_train, y_val = label_ids(train, labels), label_ids(val, labels)
+    max_len = min(s.max_len, base.config.max_seq_len)
+    tok, pad = base.tokenizer, base.tokenizer.pad_id
+    x_train, x_val = encode(tok, train.texts, max_len), encode(tok, val.texts, max_len)
+
+    torch.manual_seed(s.seed)
+    device = base.model.tok_emb.weight.device
+    model = Classifier(base.model, len(labels), s.pooling).to(device)
+    weights = _class_weights(y_train, len(labels)).to(device) if s.class_weight else None
+
+    def on_labels(gold: list[int], pred: list[int]) -> float:  # the metric sees label values, not indices
+        return metric([labels[i] for i in gold], [labels[i] for i in pred])
+
+    start = time.time()
+    if s.mode == "probe":
+        for p in model.body.parameters():
+            p.requires_grad_(False)
+        history, f_val = _train_probe(model, x_train, y_train, x_val, y_val, pad, s, weights, on_labels)
+        with torch.no_grad():
+            val_logits = model.head(f_val).cpu()  # the frozen features are already computed
+    else:
+        history = _train_finetune(model, x_train, y_train, x_val, y_val, pad, s, weights, on_labels)
+        val_logits = _logits(model, x_val, pad, s.batch_tokens, "val")
+    train_s = time.time() - start
+
+    temperature = fit_temperature(val_logits, y_val)
+    before = ece(val_logits.softmax(-1).numpy(), y_val)
+    after = ece((val_logits / temperature).softmax(-1).numpy(), y_val)
+    best = max(history, key=lambda h: h["val_metric"])
+    report = {
+        "val_metric": best["val_metric"],
+        "best_check": best["check"],
+        "history": history,
+        "temperature": temperature,
+        "val_ece_before": before,
+        "val_ece_after": after,
+        "train_rows": len(y_train),
+        "val_rows": len(y_val),
+        "train_seconds": round(train_s, 1),
+    }
+    log(
+        f"classifier ({s.mode}, {s.pooling} pooling): val metric {best['val_metric']:.4f} at check "
+        f"{best['check']}; T={temperature:.3f}, val ECE {before:.4f} -> {after:.4f}; {train_s:.0f} s"
+    )
+    return Trained(model.eval(), tok, labels, s, temperature, str(Path(base.checkpoint).resolve()), report)
+
+
+def _train_finetune(
+    model, x_train, y_train, x_val, y_val, pad, s: ClassifySettings, weights, metric
+) -> list[dict]:
+    device = model.head.weight.device
+    body_params = [p for p in model.body.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": body_params, "lr": s.lr_body},
+            {"params": model.head.parameters(), "lr": s.lr_head},
+        ],
+        weight_decay=s.weight_decay,
+    )
+    rng = random.Random(s.seed)
+    y = torch.tensor(y_train)
+    history: list[dict] = []
+    best_metric, best_state, stale = -1.0, None, 0
+    n_batches = len(length_batches(x_train, s.batch_tokens, None))
+    total_steps = s.epochs * n_batches
+    check_every = max(1, n_batches // s.evals_per_epoch)
+    step = 0
+    with Progress("finetune", total=total_steps, unit="batches") as bar:
+        for _epoch in range(s.epochs):
+            for b in length_batches(x_train, s.batch_tokens, rng):
+                model.train()
+                # linear decay to 10% over the planned run: steadier late checks
+                frac = 1.0 - 0.9 * step / total_steps
+                for group, lr in zip(opt.param_groups, (s.lr_body, s.lr_head), strict=True):
+                    group["lr"] = lr * frac
+                idx, lengths = collate(x_train, b, pad, device)
+                loss = F.cross_entropy(model(idx, lengths), y[b].to(device), weight=weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                bar.advance(1, note=f"loss {loss.item():.3f}")
+                if step % check_every and step != total_steps:
+                    continue
+                pred = _logits(model, x_val, pad, s.batch_tokens, "val").argmax(-1).tolist()
+                score = metric(y_val, pred)
+                history.append({"check": len(history) + 1, "step": step, "val_metric": score})
+                bar.advance(0, note=f"val {score:.3f}")
+                if score > best_metric:
+                    best_metric, stale = score, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                if stale >= s.patience:
+                    break
+            if stale >= s.patience:
+                break
+    model.load_state_dict(best_state)
+    return history
+
+
+def _train_probe(
+    model, x_train, y_train, x_val, y_val, pad, s: ClassifySettings, weights, metric
+) -> tuple[list[dict], torch.Tensor]:
+    """The head's training history and the validation features."""
+    f_train = _features(model, x_train, pad, s.batch_tokens, "features").to(model.head.weight.device)
+    f_val = _features(model, x_val, pad, s.batch_tokens, "features").to(model.head.weight.device)
+    y = torch.tensor(y_train, device=f_train.device)
+    opt = torch.optim.Adam(model.head.parameters(), lr=s.probe_lr)
+    history: list[dict] = []
+    best_metric, best_state, stale = -1.0, None, 0
+    checks = 30
+    every = max(1, s.probe_epochs // checks)
+    for epoch in range(1, s.probe_epochs + 1):
+        logits = model.head(f_train)
+        loss = F.cross_entropy(logits, y, weight=weights)
+        loss = loss + s.weight_decay * model.head.weight.pow(2).sum() / 2  # L2, as logistic regression's C
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if epoch % every and epoch != s.probe_epochs:
+            continue
+        with torch.no_grad():
+            score = metric(y_val, model.head(f_val).argmax(-1).tolist())
+        history.append({"check": len(history) + 1, "step": epoch, "val_metric": score})
+        if score > best_metric:
+            best_metric, stale = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        else:
+            stale += 1
+        if stale >= s.patience * 5:  # checks are cheap and the probe's curve is noisy early on
+            break
+    model.head.load_state_dict(best_state)
+    return history, f_val
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving, loading, predicting
+
+
+def save(trained: Trained, out: str | Path) -> None:
+    """Write the classifier folder atomically (a crash leaves the old folder or none)."""
+    m = trained.model
+    config = {
+        "mode": trained.settings.mode,
+        "labels": trained.labels,
+        "temperature": trained.temperature,
+        "base": trained.base,
+        "settings": asdict(trained.settings),
+        "model": asdict(m.body.cfg),
+        "report": trained.report,
+    }
+    with atomic_dir(out) as tmp:
+        head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
+        save_file(head, str(tmp / "head.safetensors"))
+        if trained.settings.mode == "finetune":
+            # lm_head is unused (and tied to tok_emb: safetensors refuses shared storage)
+            body = {
+                k: v.detach().contiguous().cpu()
+                for k, v in m.body.state_dict().items()
+                if not k.startswith("lm_head.")
+            }
+            save_file(body, str(tmp / "body.safetensors"))
+        (tmp / "classifier.json").write_text(
+            json.dumps(config, indent=1, ensure_ascii=False), encoding="utf-8"
+        )
+        trained.tokenizer.save(tmp / "tokenizer.json")
+
+
+def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """A classifier folder written by `save`, ready to predict."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "classifier.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a classifier folder (no classifier.json)")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    settings = ClassifySettings(**config["settings"])
+    if settings.mode == "probe":
+        base = load_model(config["base"], device)
+        body, tok = base.model, base.tokenizer
+    else:
+        with torch.device(device):
+            body = GPT(ModelConfig(**config["model"]))
+        missing, unexpected = body.load_state_dict(
+            load_file(str(model_dir / "body.safetensors"), device=str(device)), strict=False
+        )
+        if unexpected or any(not k.startswith("lm_head.") for k in missing):
+            raise ValueError(
+                f"{model_dir}/body.safetensors: does not match the model (missing {missing}, unexpected {unexpected})"
+            )
+        tok = Tokenizer.from_file(model_dir / "tokenizer.json")
+    model = Classifier(body, len(config["labels"]), settings.pooling).to(device)
+    model.head.load_state_dict(load_file(str(model_dir / "head.safetensors"), device=str(device)))
+    return Trained(
+        model.eval(), tok, config["labels"], settings, config["temperature"], config["base"], config["report"]
+    )
+
+
+def predict_proba(trained: Trained, texts: Sequence[str]) -> np.ndarray:
+    """Calibrated class probabilities [N, K] (columns in trained.labels order)."""
+    seqs = encode(trained.tokenizer, texts, min(trained.settings.max_len, trained.model.body.cfg.max_seq_len))
+    logits = _logits(trained.model, seqs, trained.tokenizer.pad_id, trained.settings.batch_tokens)
+    return (logits / trained.temperature).softmax(-1).numpy()
+
+
+def train_classifier(
+    ckpt: str | Path,
+    train: str | Path,
+    val: str | Path,
+    out: str | Path,
+    settings: ClassifySettings | None = None,
+    device: str = "cpu",
+) -> dict:
+    """`myna classify train`: files in, classifier folder out; returns the training report."""
+    train_ex, val_ex = read_examples(train), read_examples(val)
+    trained = fit(load_model(ckpt, device), train_ex, val_ex, settings)
+    save(trained, out)
+    return trained.report
+
+
+def predict_file(
+    model_dir: str | Path, input: str | Path, out: str | Path | None = None, device: str = "cpu"
+) -> int:
+    """`myna classify predict`: one JSON line per input row ({"label", "probabilities": {label: p}}, plus the
+    gold "gold" when the input has labels), to `out` (atomically) or stdout; returns the row count."""
+    trained = load(model_dir, device)
+    ex = read_examples(input, require_labels=False)
+    probs = predict_proba(trained, ex.texts)
+    names = [str(x) for x in trained.labels]
+    rows = []
+    for p, gold in zip(probs, ex.labels, strict=True):
+        row = {
+            "label": trained.labels[int(p.argmax())],
+            "probabilities": dict(zip(names, map(float, p), strict=True)),
+        }
+        if gold is not None:
+            row["gold"] = gold
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if out is None:
+        sys.stdout.writelines(rows)
+    else:
+        with atomic_write(out, "w") as f:
+            f.writelines(rows)
+    return len(rows)

@@ -1,0 +1,113 @@
+"""TweetEval: the official metrics against hand computations, the upstream RoB-RT predictions scoring exactly the
+published numbers, the predictions-folder layout, and LM label-word scoring with a tiny pre-trained model."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_classify import tiny_run
+
+from myna.eval.tweeteval import (
+    PUBLISHED,
+    TASKS,
+    format_table,
+    load_split,
+    run_tweeteval,
+    score_predictions,
+    task_metric,
+    with_all,
+    write_predictions,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data" / "tweeteval"
+ROBRT = DATA / "reference_predictions_robrt"
+
+
+def test_robrt_reference_predictions_score_the_published_numbers():
+    scores = score_predictions(DATA, ROBRT)
+    expected = [31.55, 79.83, 55.47, 62.48, 81.55, 72.86, 72.44]
+    assert [round(scores[t], 2) for t in TASKS] == expected
+    assert round(scores["ALL"], 2) == 65.17
+
+
+@pytest.mark.parametrize(
+    ("task", "gold", "pred", "expected"),
+    [
+        # macro-F1; class 2 never predicted -> F1 0 but still averaged
+        ("emotion", [0, 0, 1, 1, 2], [0, 0, 1, 0, 0], (2 * 0.5 / 1.5 + 2 / 3 + 0) / 3),
+        # irony: F1 of the ironic class only (P = 1/2, R = 1/3)
+        ("irony", [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], 2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3)),
+        # sentiment: macro recall (1, 1/2, 0)
+        ("sentiment", [0, 1, 1, 2], [0, 1, 0, 1], (1 + 1 / 2 + 0) / 3),
+        # stance: mean of F1(against=1) and F1(favor=2); "none" (0) is ignored
+        ("stance", [0, 1, 1, 2, 2], [1, 1, 0, 2, 0], (0.5 + 2 / 3) / 2),
+        # a predicted label that gold never has joins the macro average with recall 0
+        ("sentiment", [0, 0, 1], [0, 2, 1], (1 / 2 + 1 + 0) / 3),
+        # favor never predicted nor present: F1 0
+        ("stance", [1, 1], [1, 1], (1 + 0) / 2),
+    ],
+)
+def test_task_metrics_by_hand(task, gold, pred, expected):
+    assert task_metric(task, gold, pred) == pytest.approx(expected)
+
+
+def test_all_is_the_plain_mean_and_needs_seven():
+    scores = {t: float(i) for i, t in enumerate(TASKS)}
+    assert with_all(scores)["ALL"] == pytest.approx(3.0)
+    del scores["stance"]
+    with pytest.raises(ValueError, match="stance"):
+        with_all(scores)
+    assert PUBLISHED["SVM"]["ALL"] == 53.5 and PUBLISHED["BERTweet"]["irony"] == 82.1
+
+
+def test_written_predictions_round_trip_and_bad_files_are_named(tmp_path: Path):
+    """Write the gold labels as predictions (stance split per target): every task scores 100."""
+    pred = tmp_path / "pred"
+    for task in TASKS:
+        write_predictions(pred, task, load_split(DATA, task, "test").labels, DATA)
+    assert sorted(p.name for p in (pred / "stance").iterdir()) == [
+        f"{t}.txt" for t in ("abortion", "atheism", "climate", "feminist", "hillary")
+    ]
+    assert all(v == pytest.approx(100.0) for v in score_predictions(DATA, pred).values())
+
+    (pred / "irony.txt").write_text("0\n" * 783)
+    with pytest.raises(ValueError, match=r"irony.txt: 783 predictions but the test set has 784"):
+        score_predictions(DATA, pred)
+    (pred / "irony.txt").write_text("0\n" * 10 + "ironic\n" + "0\n" * 773)
+    with pytest.raises(ValueError, match=r"irony.txt:11: 'ironic' is not a label id"):
+        score_predictions(DATA, pred)
+
+
+def test_gzipped_and_plain_files_read_alike(tmp_path: Path):
+    shutil.copytree(DATA / "irony", tmp_path / "irony")
+    with gzip.open(tmp_path / "irony" / "test_labels.txt.gz", "rb") as f:
+        (tmp_path / "irony" / "test_labels.txt").write_bytes(f.read())
+    (tmp_path / "irony" / "test_labels.txt.gz").unlink()
+    assert load_split(tmp_path, "irony", "test").labels == load_split(DATA, "irony", "test").labels
+
+
+def test_table_marks_sentiment_as_approx_train():
+    ours = with_all({t: 50.0 for t in TASKS})
+    table = format_table({"ours": ours})
+    assert "50.0 (approx. train)" in table and "| SVM |" in table and "**50.0**" in table
+    assert len(table.splitlines()) == 2 + len(PUBLISHED) + 1
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: int):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tiny_run(tmp_path_factory.getbasetemp())
+        result = run_tweeteval(
+            run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
+        )
+    finally:
+        torch.set_num_threads(n)
+    assert set(result["scores"]) == {"irony", "sentiment"}
+    assert all(0.0 <= v <= 100.0 for v in result["scores"].values())
+    assert result["notes"] == {"sentiment": "approx. train"} and result["tasks"]["irony"]["test_rows"] == 40
+    assert (tmp_path / "result.json").is_file()
