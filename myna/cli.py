@@ -336,6 +336,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    from myna.eval.classify import ClassifySettings, predict_file, train_classifier
+    from myna.infer.engine import set_cpu_threads
+
+    set_cpu_threads(args.device)  # small models, short texts: one thread is as fast and never thrashes
+    if args.action == "train":
+        if not (args.ckpt and args.train and args.val and args.out):
+            sys.exit("myna classify train: --ckpt, --train, --val and --out are required")
+        report = train_classifier(
+            args.ckpt, args.train, args.val, args.out, ClassifySettings(mode=args.mode), device=args.device
+        )
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        if not (args.model and args.input):
+            sys.exit("myna classify predict: --model and --input are required")
+        n = predict_file(args.model, args.input, args.out, device=args.device)
+        log(f"{n:,} predictions" + (f" -> {args.out}" if args.out else ""))
+
+
 def serve_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -487,6 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--policy", help="moderation policy: a JSON/TOML file, 'default' (label only) or 'off'")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     v.set_defaults(fn=cmd_serve)
+
+    k = sub.add_parser("classify", help="text classifiers on a trained model: train, then predict")
+    k.add_argument("action", choices=["train", "predict"])
+    k.add_argument("--ckpt", help="train: the run whose model is the body")
+    k.add_argument("--train", help="train: JSONL (text, label) or TSV (text<TAB>label)")
+    k.add_argument("--val", help="train: the same format; early stopping and calibration")
+    k.add_argument(
+        "--mode", choices=["finetune", "probe"], default="finetune", help="train: (default finetune)"
+    )
+    k.add_argument("--model", help="predict: a folder written by classify train")
+    k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
+    k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
+    k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    k.set_defaults(fn=cmd_classify)
     return p
 
 

@@ -216,3 +216,35 @@ def test_probe_keeps_the_body_frozen_and_beats_majority(run: Path, sentiment, tm
     assert all(torch.equal(before[k], v) for k, v in trained.model.body.state_dict().items())
     assert trained.report["val_metric"] > _majority_macro_f1(val.labels) + 0.1
     assert trained.report["val_ece_after"] <= trained.report["val_ece_before"] + 0.02
+
+
+def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentiment, tmp_path: Path):
+    import subprocess
+    import sys
+
+    train, val = sentiment
+    names = ["negative", "neutral", "positive"]
+    _write_jsonl(tmp_path / "train.jsonl", _first(train, 300), names)
+    _write_jsonl(tmp_path / "val.jsonl", _first(val, 100), names)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+
+    def myna(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "myna", "classify", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
+    trained = myna("train", "--ckpt", str(run), "--train", str(tmp_path / "train.jsonl"), "--val",
+                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    predicted = myna("predict", "--model", str(tmp_path / "clf"), "--input", str(tmp_path / "val.jsonl"),
+                     "--out", str(tmp_path / "pred.jsonl"))  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == 100 and all(r["label"] in names for r in rows)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    missing = myna("train", "--ckpt", str(run))
+    assert missing.returncode != 0 and "--train, --val and --out are required" in missing.stderr
