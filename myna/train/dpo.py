@@ -49,11 +49,8 @@ from myna.train.loop import train
 from myna.train.sft import (
     EpochStream,
     base_settings,
-    data_file,
-    held_out,
     lengths_fingerprint,
-    opening,
-    read_records,
+    read_and_split,
     schedule_for,
     start_run,
     tuned_config,
@@ -276,16 +273,7 @@ def dpo(
         raise ValueError(f"beta={beta}: expected a positive number")
     out = Path(out)
     base_run, base_ckpt, base_config = base_settings(base)
-    path = data_file(data, "prefs.jsonl")
-    pairs, rejects = read_records(path, parse_pair)
-    if not pairs:
-        first = f"; first: {rejects[0].file}:{rejects[0].line}: {rejects[0].reason}" if rejects else ""
-        raise ValueError(f"{path}: no usable preference pair ({len(rejects)} lines rejected{first})")
-    side = held_out([opening(p["prompt"]) for p in pairs])
-    if all(side):
-        raise ValueError(
-            f"{path}: {len(pairs)} pair(s) all share one prompt opening; nothing left to train on"
-        )
+    path, pairs, rejects, side = read_and_split(data, "prefs.jsonl", parse_pair, "prompt", "preference pair")
 
     if steps is not None:
         overrides["steps"] = steps

@@ -141,6 +141,24 @@ def opening(messages: list[dict]) -> str:
 # Dialogues -> training examples
 
 
+def read_and_split(
+    data: str | Path, default_name: str, parse: Callable[[dict], dict], messages_key: str, what: str
+) -> tuple[Path, list[dict], list[Reject], list[bool]]:
+    """The records of `data` (a dir's default_name, or a file), their rejects, and which are held out (by opening).
+
+    An error when no line is usable or when every record lands on the held-out side (they share one opening).
+    """
+    path = data_file(data, default_name)
+    records, rejects = read_records(path, parse)
+    if not records:
+        first = f"; first: {rejects[0].file}:{rejects[0].line}: {rejects[0].reason}" if rejects else ""
+        raise ValueError(f"{path}: no usable {what} ({len(rejects)} lines rejected{first})")
+    side = held_out([opening(r[messages_key]) for r in records])
+    if all(side):
+        raise ValueError(f"{path}: {len(records)} {what}(s) all share one opening; nothing left to train on")
+    return path, records, rejects, side
+
+
 def fit_turns(ids: list[int], learn: list[bool], tok: Tokenizer, limit: int) -> tuple[list, list, str]:
     """At most `limit` tokens of a rendered conversation: "kept", "dropped" (oldest non-system turns left out)
     or "cut" (the newest turn alone was too long and lost its end)."""
@@ -457,16 +475,9 @@ def sft(
     """
     out = Path(out)
     base_run, base_ckpt, base_config = base_settings(base)
-    path = data_file(data, "dialogues.jsonl")
-    dialogues, rejects = read_records(path, parse_dialogue)
-    if not dialogues:
-        first = f"; first: {rejects[0].file}:{rejects[0].line}: {rejects[0].reason}" if rejects else ""
-        raise ValueError(f"{path}: no usable dialogue ({len(rejects)} lines rejected{first})")
-    side = held_out([opening(d["messages"]) for d in dialogues])
-    if all(side):
-        raise ValueError(
-            f"{path}: {len(dialogues)} dialogue(s) all share one opening; nothing left to train on"
-        )
+    path, dialogues, rejects, side = read_and_split(
+        data, "dialogues.jsonl", parse_dialogue, "messages", "dialogue"
+    )
 
     if steps is not None:
         overrides["steps"] = steps
