@@ -94,3 +94,28 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "chat model (SFT): step 4" in again.stderr and "http://" not in again.stderr + again.stdout
     assert re.search(r"speedrun finished in [\d.]+ s", again.stderr)
+
+    # the tuning verbs on their own: SFT on an OpenAI-messages file, then DPO on real replies (chosen: the reply a
+    # conversation got; rejected: another conversation's reply) against the SFT model
+    dialogues = [json.loads(line) for line in (tmp_path / "run" / "data" / "dialogues.jsonl").open()][:60]
+    with open(tmp_path / "chats.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"messages": d["messages"]}) + "\n" for d in dialogues)
+    with open(tmp_path / "prefs.jsonl", "w", encoding="utf-8") as f:
+        for d, other in zip(dialogues, dialogues[1:] + dialogues[:1], strict=True):
+            pair = {"prompt": d["messages"][:-1], "chosen": d["messages"][-1]["content"]}
+            f.write(json.dumps({**pair, "rejected": other["messages"][-1]["content"]}) + "\n")
+    for verb, base, data, out, extra in [
+        ("sft", "base", "chats.jsonl", "sft2", []),
+        ("dpo", "sft2", "prefs.jsonl", "dpo", ["--beta", "0.2"]),
+    ]:
+        args = ["--base", str(tmp_path / "run" / base), "--data", str(tmp_path / data)]
+        args += ["--out", str(tmp_path / "run" / out), "--steps", "3", *extra]
+        done = subprocess.run(
+            [sys.executable, "-m", "myna", verb, *args], env=ENV, capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stderr
+        config = json.loads((tmp_path / "run" / out / "config.json").read_text())
+        assert config["stage"] == verb and (tmp_path / "run" / out / "tokenizer.json").is_file()
+        last = json.loads((tmp_path / "run" / out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["step"] == 3 and "val_loss" in last
+    assert config["beta"] == 0.2 and "val_pair_accuracy" in last
