@@ -194,6 +194,12 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     else:
         log("DPO skipped: the data has no preference pairs (reply trees with like counts)")
     print_chat_samples(chat)
+    from myna.eval.report import write_report
+    from myna.eval.run import evaluate_run
+
+    # the quick part of `myna eval` (val bits-per-byte, chat checks); TweetEval takes longer: `myna eval RUN`
+    evaluate_run(chat, tweeteval_mode="none", chat_prompts=args.chat_prompts)
+    log(f"report card: {write_report(chat)}")
     log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
     if not args.no_serve:
         from myna.serve.api import serve
@@ -355,6 +361,42 @@ def cmd_classify(args: argparse.Namespace) -> None:
         log(f"{n:,} predictions" + (f" -> {args.out}" if args.out else ""))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from myna.eval.run import evaluate_run, format_eval
+    from myna.eval.tweeteval import format_table, score_predictions
+
+    if args.target == "tweeteval-score":
+        if not args.predictions:
+            sys.exit("myna eval tweeteval-score: --predictions DIR is required")
+        from myna.eval.run import TWEETEVAL_DIR
+
+        scores = score_predictions(args.data or TWEETEVAL_DIR, args.predictions)
+        print(format_table({Path(args.predictions).name: scores}, approx=set()))
+        return
+    from myna.eval.classify import ClassifySettings
+
+    settings = ClassifySettings(mode=args.classifier, **({"epochs": args.epochs} if args.epochs else {}))
+    result = evaluate_run(
+        args.target,
+        out=args.out,
+        tweeteval=args.tweeteval,
+        tweeteval_mode=args.mode,
+        train_cap=args.train_cap,
+        test_cap=args.test_cap,
+        settings=settings,
+        shots=args.shots,
+        chat_prompts=args.chat_prompts,
+        device=args.device,
+    )
+    console.print(format_eval(result), highlight=False, markup=False)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from myna.eval.report import write_report
+
+    log(f"report: {write_report(args.run)}")
+
+
 def serve_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -407,7 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="cpu", help="model to pre-train (default cpu: about 10 minutes on 2 cores)"
     )
     s.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
-    s.add_argument("--no-serve", action="store_true", help="end after the chat samples instead of serving")
+    s.add_argument("--no-serve", action="store_true", help="end after the report card instead of serving")
+    s.add_argument(
+        "--chat-prompts",
+        type=int,
+        default=200,
+        help="held-out prompts of the chat format check (default 200)",
+    )
     serve_flags(s)
     s.add_argument(
         "--sft-steps",
@@ -520,6 +568,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
     k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     k.set_defaults(fn=cmd_classify)
+
+    e = sub.add_parser("eval", help="evaluate a run (RUN/eval.json), or score TweetEval predictions")
+    e.add_argument("target", help="a run directory, or 'tweeteval-score' to score a predictions folder")
+    e.add_argument("--tweeteval", help="TweetEval data folder (default: the bundled data/tweeteval)")
+    e.add_argument(
+        "--mode", choices=["classifier", "lm", "both", "none"], default="classifier", help="TweetEval mode"
+    )
+    e.add_argument("--classifier", choices=["finetune", "probe"], default="finetune", help="classifier mode")
+    e.add_argument("--epochs", type=int, help="classifier epochs per task (default 5, early-stopped)")
+    e.add_argument("--train-cap", type=int, help="first N train rows per task (default: all bundled)")
+    e.add_argument(
+        "--test-cap", type=int, help="first N test rows per task (not comparable to published rows)"
+    )
+    e.add_argument("--shots", type=int, default=0, help="lm mode: examples in the prompt (default 0)")
+    e.add_argument("--chat-prompts", type=int, default=200, help="held-out prompts for format compliance")
+    e.add_argument("--out", help="eval.json path (default RUN/eval.json)")
+    e.add_argument("--data", help="tweeteval-score: the TweetEval data folder (default: the bundled one)")
+    e.add_argument("--predictions", help="tweeteval-score: a folder laid out like the upstream repository's")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser(
+        "report", help="write RUN/report.md: config, data funnel, curves, eval tables, samples"
+    )
+    r.add_argument("run", help="run directory")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

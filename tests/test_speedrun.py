@@ -38,7 +38,7 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
     head(conv, sample / "conversations" / "c.conversations.jsonl", 120)
     port = free_port()
     flags = ["--sample", str(sample), "--out", str(tmp_path / "run"), "--vocab-size", "400", "--workers", "1"]
-    flags += ["--preset", "tiny", "--steps", "6", "--sft-steps", "4"]
+    flags += ["--preset", "tiny", "--steps", "6", "--sft-steps", "4", "--chat-prompts", "8"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "myna", "speedrun", *flags, "--port", str(port)],
         env=ENV,
@@ -61,6 +61,13 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
         assert "data funnel" in out and "base model: step 6" in out
         assert "chat model (SFT): step 4" in out and "DPO skipped" in out and "chat samples" in out
         assert (tmp_path / "run" / "sft" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+        assert "report card:" in out
+        report = (tmp_path / "run" / "sft" / "report.md").read_text()
+        assert (
+            "Chat checks" in report
+            and "bits per byte" in report
+            and (tmp_path / "run" / "sft" / "eval.json").is_file()
+        )
 
         health = {}
         for _ in range(100):  # the model loads in the background after the server is up

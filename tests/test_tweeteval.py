@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_classify import tiny_run
 
+from myna.eval.classify import ClassifySettings
 from myna.eval.tweeteval import (
     PUBLISHED,
     TASKS,
@@ -109,5 +110,45 @@ def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: i
         torch.set_num_threads(n)
     assert set(result["scores"]) == {"irony", "sentiment"}
     assert all(0.0 <= v <= 100.0 for v in result["scores"].values())
-    assert result["notes"] == {"sentiment": "approx. train"} and result["tasks"]["irony"]["test_rows"] == 40
+    assert result["notes"] == {} and result["tasks"]["irony"]["test_rows"] == 40  # zero-shot: no train data
     assert (tmp_path / "result.json").is_file()
+
+
+def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(tmp_path_factory, tmp_path: Path):
+    # emoji's first 60 train rows lack some of its 20 classes, which its val set has
+    assert len(set(load_split(DATA, "emoji", "train", 60).labels)) < 20
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tiny_run(tmp_path_factory.getbasetemp())
+        settings = ClassifySettings(mode="probe", probe_epochs=20)
+        result = run_tweeteval(
+            run, DATA, tmp_path, train_cap=60, test_cap=40, settings=settings, tasks=("emoji",)
+        )
+    finally:
+        torch.set_num_threads(n)
+    assert 0.0 <= result["scores"]["emoji"] <= 100.0
+
+
+def test_the_cli_scores_a_predictions_folder_without_marking_it():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "myna",
+            "eval",
+            "tweeteval-score",
+            "--predictions",
+            str(DATA / "reference_predictions_robrt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.splitlines()[-1]
+    assert row.startswith("| **reference_predictions_robrt** |") and row.endswith("| **65.2** |")
+    assert "approx. train" not in row  # upstream's model trained on the real sentiment train split

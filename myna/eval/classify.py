@@ -374,16 +374,19 @@ def fit(
     val: Examples,
     settings: ClassifySettings | None = None,
     metric: Callable[[list[Label], list[Label]], float] = macro_f1,
+    labels: Sequence[Label] | None = None,
 ) -> Trained:
     """Train a classifier on `train`, choose its checkpoint and temperature on `val`.
 
     `metric(gold, pred)` (on label values, higher is better) picks the checkpoint and drives early stopping.
+    `labels`: the task's classes when known (a capped train set may lack a rare one that val has); by default
+    those of `train`.
     base.model becomes the classifier's body (fine-tuning changes it in place): load a fresh one per classifier.
     """
     s = settings or ClassifySettings()
     if s.mode not in ("finetune", "probe"):
         raise ValueError(f"mode={s.mode!r}: expected 'finetune' or 'probe'")
-    labels = label_vocab(train)
+    labels = list(labels) if labels is not None else label_vocab(train)
     if len(labels) < 2:
         raise ValueError(f"{train.source}: only one label ({labels[0]!r}); a classifier needs two or more")
     y_train, y_val = label_ids(train, labels), label_ids(val, labels)

@@ -182,15 +182,20 @@ def write_predictions(out_dir: str | Path, task: str, pred: Sequence[int], data_
         start += n
 
 
-def format_table(ours: dict[str, dict[str, float]]) -> str:
-    """Markdown table: the published rows, then ours (name -> scores), sentiment cells marked "approx. train"."""
+def format_table(ours: dict[str, dict[str, float]], approx: set[str] | None = None) -> str:
+    """Markdown table: the published rows, then ours (name -> scores).
+
+    The sentiment cells of the rows named in `approx` (default: all of ours) are marked "approx. train": those
+    models learned from the rebuilt sentiment train split. Zero-shot rows and others' predictions are not.
+    """
     head = "| Model | " + " | ".join(t.capitalize() for t in TASKS) + " | ALL |"
     rule = "|---|" + "---:|" * (len(TASKS) + 1)
     rows = [head, rule]
     for name, scores in PUBLISHED.items():
         rows.append(f"| {name} | " + " | ".join(f"{scores[k]:.1f}" for k in (*TASKS, "ALL")) + " |")
     for name, scores in ours.items():
-        cells = [f"{scores[k]:.1f}" + (f" ({APPROX[k]})" if k in APPROX else "") for k in TASKS]
+        marked = approx is None or name in approx
+        cells = [f"{scores[k]:.1f}" + (f" ({APPROX[k]})" if k in APPROX and marked else "") for k in TASKS]
         all_cell = f"{scores['ALL']:.1f}" if "ALL" in scores else "-"
         rows.append(f"| **{name}** | " + " | ".join(cells) + f" | **{all_cell}** |")
     return "\n".join(rows)
@@ -318,7 +323,17 @@ def run_tweeteval(
             train = load_split(data_dir, task, "train", train_cap)
             val = load_split(data_dir, task, "val")
             # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
-            trained = fit(base, train, val, settings, metric=lambda g, p, task=task: task_metric(task, g, p))
+            classes = sorted(
+                int(k) for k in mapping(data_dir, task)
+            )  # all of them, even if the cap left one out
+            trained = fit(
+                base,
+                train,
+                val,
+                settings,
+                metric=lambda g, p, task=task: task_metric(task, g, p),
+                labels=classes,
+            )
             probs = predict_proba(trained, test.texts)
             pred = [trained.labels[i] for i in probs.argmax(1)]
             detail = {"val_metric": trained.report["val_metric"], "train_rows": len(train.texts)}
@@ -338,7 +353,7 @@ def run_tweeteval(
         log(f"[bold]{task}[/]: {scores[task]:.2f} ({per_task[task]['seconds']:.0f} s)")
     result = {
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
-        "notes": {t: n for t, n in APPROX.items() if t in scores},
+        "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
         "mode": f"classifier ({(settings or ClassifySettings()).mode})"
         if mode == "classifier"
