@@ -46,13 +46,13 @@ from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.distributed import Dist
 from myna.train.loop import train
+from myna.train.pretrain import start_run
 from myna.train.sft import (
     EpochStream,
     base_settings,
     lengths_fingerprint,
     read_and_split,
     schedule_for,
-    start_run,
     tuned_config,
     write_rejects,
 )
@@ -311,19 +311,15 @@ def dpo(
             "prompts_shortened": shortened,
             "replies_cut": cut,
         }
-        config = {
+        info = {
             "stage": "dpo",
             "base": str(base_ckpt),
             "data": str(path),
             "beta": beta,
             "reference": "the base checkpoint, frozen; log-probs computed on the fly",
-            "parallel": parallel,
-            "world_size": dist.world_size,
-            "model": asdict(mcfg),
-            "train": asdict(tcfg),
             "data_stats": data_stats,
         }
-        start_run(out, resume, mcfg, config, base_run / "tokenizer.json", dist)
+        start_run(out, resume, mcfg, tcfg, base_run / "tokenizer.json", dist, **info)
         write_rejects(out, rejects, "preference lines", dist)
         dist.log(
             f"dpo: {len(encoded[False]):,} pairs, {len(encoded[True]):,} held out; {shortened} prompts shortened, "

@@ -19,6 +19,7 @@ from myna.runs import copy_tokenizer
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.checkpoint import latest
+from myna.train.distributed import Dist
 from myna.train.loop import train
 
 
@@ -48,6 +49,34 @@ def check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
         if saved != asdict(mcfg):
             diff = {k: (saved.get(k), v) for k, v in asdict(mcfg).items() if saved.get(k) != v}
             raise ValueError(f"{out}/config.json: the run's model differs from this one (saved, now): {diff}")
+
+
+def start_run(
+    out: Path, resume: bool, mcfg: ModelConfig, tcfg: TrainConfig, tok_path: Path, dist: Dist, **info
+) -> None:
+    """Check OUT, then write OUT/config.json (`info`, parallelism, model, train) and the tokenizer (rank 0).
+
+    Shared by pretrain, sft and dpo: a run directory looks the same whichever command made it.
+    """
+    check_run_dir(out, resume, mcfg)
+    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
+    if dist.device.type == "cpu":
+        # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels
+        torch.use_deterministic_algorithms(True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            **info,
+            "parallel": dist.parallel,
+            "world_size": dist.world_size,
+            "model": asdict(mcfg),
+            "train": asdict(tcfg),
+        }
+        with atomic_write(out / "config.json", "w") as f:
+            json.dump(config, f, indent=1)
+        copy_tokenizer(tok_path, out)
+    if resume and latest(out) is None:
+        dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
 
 
 def pretrain(
@@ -87,26 +116,7 @@ def pretrain(
 
     dist = distributed.setup(parallel)
     try:
-        check_run_dir(out, resume, mcfg)
-        dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
-        if dist.device.type == "cpu":
-            # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels
-            torch.use_deterministic_algorithms(True)
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            config = {
-                "preset": preset,
-                "data": str(data_dir),
-                "parallel": parallel,
-                "world_size": dist.world_size,
-                "model": asdict(mcfg),
-                "train": asdict(tcfg),
-            }
-            with atomic_write(out / "config.json", "w") as f:
-                json.dump(config, f, indent=1)
-            copy_tokenizer(tok_path, out)
-        if resume and latest(out) is None:
-            dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
+        start_run(out, resume, mcfg, tcfg, tok_path, dist, preset=preset, data=str(data_dir))
 
         torch.manual_seed(tcfg.seed)
         with dist.device:

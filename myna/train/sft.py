@@ -41,14 +41,13 @@ from myna.config import ModelConfig, TrainConfig
 from myna.data.readers import ReadOptions, iter_lines
 from myna.data.schema import Reject
 from myna.io import atomic_write
-from myna.runs import copy_tokenizer, load_model, resolve
+from myna.runs import load_model, resolve
 from myna.template import check_messages, render
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
-from myna.train.checkpoint import latest
 from myna.train.distributed import Dist
 from myna.train.loop import train
-from myna.train.pretrain import check_run_dir
+from myna.train.pretrain import start_run
 
 LR_SCALE = 0.1  # fine-tuning peak lr = the base run's peak lr x this
 HELD_OUT_FRACTION = 0.05
@@ -436,21 +435,6 @@ def schedule_for(tcfg: TrainConfig, steps: int, overrides: dict) -> TrainConfig:
     return replace(tcfg, **{k: v for k, v in derived.items() if k not in overrides})
 
 
-def start_run(out: Path, resume: bool, mcfg: ModelConfig, config: dict, tok_path: Path, dist: Dist) -> None:
-    """Check OUT, then write OUT/config.json and the tokenizer (rank 0)."""
-    check_run_dir(out, resume, mcfg)
-    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
-    if dist.device.type == "cpu":
-        torch.use_deterministic_algorithms(True)  # bit-exact resume and rank-count invariance on CPU
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / "config.json", "w") as f:
-            json.dump(config, f, indent=1)
-        copy_tokenizer(tok_path, out)
-    if resume and latest(out) is None:
-        dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -514,17 +498,8 @@ def sft(
             "rows_per_epoch": train_loader.rows_per_epoch,
             "fill": sum(train_loader.lengths) / (train_loader.rows_per_epoch * tcfg.seq_len),
         }
-        config = {
-            "stage": "sft",
-            "base": str(base_ckpt),
-            "data": str(path),
-            "parallel": parallel,
-            "world_size": dist.world_size,
-            "model": asdict(mcfg),
-            "train": asdict(tcfg),
-            "data_stats": data_stats,
-        }
-        start_run(out, resume, mcfg, config, base_run / "tokenizer.json", dist)
+        info = {"stage": "sft", "base": str(base_ckpt), "data": str(path), "data_stats": data_stats}
+        start_run(out, resume, mcfg, tcfg, base_run / "tokenizer.json", dist, **info)
         write_rejects(out, rejects, "dialogue lines", dist)
         dist.log(
             f"sft: {len(train_set):,} dialogues ({train_loader.rows_per_epoch:,} packed rows, "
