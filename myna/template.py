@@ -83,6 +83,12 @@ def render(messages: list[dict], tok: Tokenizer) -> Rendered:
     return Rendered(ids, targets)
 
 
+def prompt_budget(max_len: int, max_tokens: int | None) -> int:
+    """Tokens a prompt may take in a context of max_len: room is kept for the reply (max_tokens, or half the
+    context when not given), but never more than half, so a long max_tokens does not push out all the history."""
+    return max_len - min(max_tokens or max_len // 2, max_len // 2)
+
+
 def render_prompt(messages: list[dict], tok: Tokenizer, budget: int | None = None) -> Prompt:
     """The ids that ask the model for the next assistant turn, in at most `budget` tokens.
 

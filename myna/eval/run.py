@@ -24,7 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import torch
 from myna.data.loader import TokenLoader
 from myna.eval.classify import ClassifySettings
 from myna.eval.tweeteval import TASKS, format_table, run_tweeteval
-from myna.infer.engine import Engine, SamplingParams
+from myna.infer.engine import Engine, SamplingParams, cpu_threads
 from myna.io import atomic_write
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
@@ -172,25 +172,13 @@ def val_loss_bpb(loaded: Loaded, data_dir: Path, seq_len: int, max_tokens: int =
     }
 
 
-@contextmanager
-def _engine_threads(device: torch.device):
-    """One torch thread while the engine decodes on CPU (see engine.set_cpu_threads), restored after."""
-    n = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _generate(loaded: Loaded, conversations: list[list[dict]], max_tokens: int) -> list[dict]:
     """Greedy replies (text, finish_reason, tokens) to each conversation, batched through the engine."""
     tok = loaded.tokenizer
     device = loaded.model.tok_emb.weight.device
     budget = loaded.config.max_seq_len - max_tokens
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    with _engine_threads(device), Engine(loaded.model, tok, max_batch=8) as engine:
+    with cpu_threads(device), Engine(loaded.model, tok, max_batch=8) as engine:
         requests = [engine.submit(render_prompt(c, tok, budget).ids, params) for c in conversations]
         results = [r.result() for r in requests]
     return [

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from myna.infer.engine import Engine, SamplingParams
 from myna.moderation import Policy, StreamGuard, moderate_exchange
-from myna.template import render_prompt
+from myna.template import prompt_budget, render_prompt
 
 HELP = "commands: /reset (new conversation), /system TEXT, /temperature T, /help, /quit"
 
@@ -71,7 +71,7 @@ class ChatSession:
             turn.notes.append(f"moderation: your message is labelled {', '.join(report.input.names())}")
         self.messages.append({"role": "user", "content": user_text})
         system = [{"role": "system", "content": self.system}] if self.system else []
-        budget = self.engine.max_len - min(self.params.max_tokens, self.engine.max_len // 2)
+        budget = prompt_budget(self.engine.max_len, self.params.max_tokens)
         prompt = render_prompt(system + self.messages, self.engine.tokenizer, budget)
         if prompt.dropped_turns:
             turn.notes.append(f"context full: the oldest {prompt.dropped_turns} message(s) were left out")

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +47,17 @@ def set_cpu_threads(device: str | torch.device) -> None:
     """
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+
+
+@contextmanager
+def cpu_threads(device: str | torch.device):
+    """`set_cpu_threads` for a stretch of work (e.g. eval inside a training process), the count restored after."""
+    n = torch.get_num_threads()
+    set_cpu_threads(device)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from myna.infer.engine import Request as EngineRequest
 from myna.moderation import Policy, StreamGuard, moderate_exchange
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
-from myna.template import check_messages, render_prompt
+from myna.template import check_messages, prompt_budget, render_prompt
 
 WEB_DIR = Path(__file__).with_name("web")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -565,10 +565,8 @@ def create_app(
         stream, include_usage = _stream_flags(body)
         # the new user turn is what moderation checks: earlier turns were checked when they were sent
         user_text = next((m["content"] or "" for m in reversed(messages) if m["role"] == "user"), "")
-        # room for the reply: what was asked for, but at most half the context, so history is not all dropped
-        reserve = min(requested or max_len // 2, max_len // 2)
         try:
-            prompt = render_prompt(messages, tok, budget=max_len - reserve)
+            prompt = render_prompt(messages, tok, budget=prompt_budget(max_len, requested))
         except ValueError as e:
             raise _invalid(str(e), "messages", "context_length_exceeded") from e
         room = max_len - len(prompt.ids)
