@@ -36,6 +36,14 @@ def copy_tokenizer(src: str | Path, run_dir: str | Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def read_config(run_dir: str | Path) -> dict:
+    """RUN/config.json: what was trained and how (written by train.pretrain.start_run)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; not a run directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def resolve(path: str | Path) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) for a run folder (its newest checkpoint) or a step_N folder inside one."""
     path = Path(path)
@@ -54,7 +62,7 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """The model and tokenizer of a run (or of one of its checkpoints), ready for inference."""
     run_dir, ckpt = resolve(path)
-    model_cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("model")
+    model_cfg = read_config(run_dir).get("model")
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{run_dir}/config.json: no 'model' section")
     cfg = ModelConfig(**model_cfg)

@@ -36,7 +36,7 @@ from myna.eval.tweeteval import TASKS, format_table, run_tweeteval
 from myna.infer.engine import Engine, SamplingParams, cpu_threads
 from myna.io import atomic_write
 from myna.progress import log
-from myna.runs import Loaded, load_model, resolve
+from myna.runs import Loaded, load_model, read_config, resolve
 from myna.template import render_prompt
 from myna.train.distributed import Dist
 from myna.train.loop import autocast_dtype, evaluate
@@ -77,13 +77,6 @@ SAMPLE_CONVERSATIONS: list[list[dict]] = [
 # Where a run's data lives
 
 
-def _config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; not a run directory")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _base_run_dir(run_dir: Path, base: str) -> Path:
     """The run directory behind a config's "base" (a checkpoint folder, or the run itself)."""
     p = Path(base)
@@ -97,12 +90,12 @@ def _base_run_dir(run_dir: Path, base: str) -> Path:
 def lineage(run: str | Path) -> list[tuple[Path, dict]]:
     """(run dir, config) of the run and each run it was tuned from, newest first: dpo -> sft -> base."""
     run_dir, _ = resolve(run)
-    chain = [(run_dir, _config(run_dir))]
+    chain = [(run_dir, read_config(run_dir))]
     while "base" in chain[-1][1]:
         if len(chain) > 16:
             raise ValueError(f"{run_dir}: the chain of base runs does not end (a cycle?)")
         base = _base_run_dir(chain[-1][0], chain[-1][1]["base"])
-        chain.append((base, _config(base)))
+        chain.append((base, read_config(base)))
     return chain
 
 

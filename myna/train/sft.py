@@ -41,7 +41,7 @@ from myna.config import ModelConfig, TrainConfig
 from myna.data.readers import ReadOptions, iter_lines
 from myna.data.schema import Reject
 from myna.io import atomic_write
-from myna.runs import load_model, resolve
+from myna.runs import load_model, read_config, resolve
 from myna.template import check_messages, render
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
@@ -398,7 +398,7 @@ def assistant_eval_fn(dist: Dist, max_batches: int) -> Callable:
 def base_settings(base: str | Path) -> tuple[Path, Path, dict]:
     """(base run dir, its checkpoint, its config.json)."""
     run_dir, ckpt = resolve(base)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_config(run_dir)
     if not isinstance(config.get("train"), dict):
         raise ValueError(f"{run_dir}/config.json: no 'train' section to derive fine-tuning settings from")
     return run_dir, ckpt, config
