@@ -130,10 +130,11 @@ def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
     """One greedy and one sampled reply per prompt, batched through the engine."""
     from myna.infer.engine import Engine, SamplingParams, set_cpu_threads
     from myna.runs import load_model
-    from myna.template import render_prompt
+    from myna.template import render_prompt, turn_stop_ids
 
     set_cpu_threads("cpu")  # training is over: from here on this process serves
     loaded = load_model(run)
+    stops = turn_stop_ids(loaded.tokenizer)
     with Engine(loaded.model, loaded.tokenizer, max_batch=8) as engine:
         requests = [
             (
@@ -143,8 +144,11 @@ def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
             )
             for p in prompts
             for name, params in (
-                ("greedy", SamplingParams(max_tokens=48, temperature=0)),
-                ("t=0.8", SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0)),
+                ("greedy", SamplingParams(max_tokens=48, temperature=0, stop_token_ids=stops)),
+                (
+                    "t=0.8",
+                    SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0, stop_token_ids=stops),
+                ),
             )
         ]
         table = Table(title=f"chat samples ({run.name}, step {loaded.step})", title_justify="left")
@@ -276,14 +280,14 @@ def _policy(spec: str | None):
 def cmd_generate(args: argparse.Namespace) -> None:
     from myna.infer.engine import Engine, set_cpu_threads
     from myna.runs import load_model
-    from myna.template import render_prompt
+    from myna.template import render_prompt, turn_stop_ids
 
     set_cpu_threads(args.device)
     loaded = load_model(args.ckpt, args.device)
     tok = loaded.tokenizer
     if args.chat:
         ids = render_prompt([{"role": "user", "content": args.prompt}], tok).ids
-        params = _sampling(args)
+        params = _sampling(args, stop_token_ids=turn_stop_ids(tok))
     else:
         # a raw continuation: documents in the pre-training shards end where the next <|bos|> starts
         ids = [tok.bos_id, *tok.encode(args.prompt)]

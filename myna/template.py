@@ -83,6 +83,12 @@ def render(messages: list[dict], tok: Tokenizer) -> Rendered:
     return Rendered(ids, targets)
 
 
+def turn_stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """Tokens that end an assistant reply besides <|end|>: any that opens a new turn or document means the
+    model's own turn is over (a weak model sometimes skips <|end|> and starts writing the user's turn)."""
+    return (tok.bos_id, tok.system_id, tok.user_id, tok.assistant_id, tok.tool_result_id)
+
+
 def prompt_budget(max_len: int, max_tokens: int | None) -> int:
     """Tokens a prompt may take in a context of max_len: room is kept for the reply (max_tokens, or half the
     context when not given), but never more than half, so a long max_tokens does not push out all the history."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from myna.infer.chat import ChatSession, Turn
 from myna.infer.engine import Engine, SamplingParams
@@ -90,3 +91,21 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(engine):
     text = "".join(session.respond("and now?", turn))
     assert any("oldest" in note and "left out" in note for note in turn.notes), turn.notes
     assert session.messages[-1] == {"role": "assistant", "content": text}
+
+
+def test_a_reply_that_opens_the_users_turn_ends_there(run_dir):
+    # a weak model sometimes skips <|end|> and writes the next "<|user|>" turn itself: a real model whose
+    # lm_head is pushed (by a bias) to do exactly that must stop at once, not fill max_tokens with turns
+    loaded = load_model(run_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    head = torch.nn.Linear(model.cfg.n_embd, model.cfg.vocab_size)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.user_id] = 1e4
+    model.lm_head = head
+    with Engine(model, tok, max_batch=1) as engine:
+        session = ChatSession(engine, SamplingParams(max_tokens=6, temperature=0), Policy.off())
+        turn = Turn()
+        assert "".join(session.respond("hello", turn)) == ""
+        assert turn.finish_reason == "stop"

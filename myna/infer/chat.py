@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from myna.infer.engine import Engine, SamplingParams
 from myna.moderation import Policy, StreamGuard, moderate_exchange
-from myna.template import prompt_budget, render_prompt
+from myna.template import prompt_budget, render_prompt, turn_stop_ids
 
 HELP = "commands: /reset (new conversation), /system TEXT, /temperature T, /help, /quit"
 
@@ -79,7 +79,8 @@ class ChatSession:
             turn.notes.append("context full: the start of your message was cut")
 
         guard = StreamGuard(self.policy)
-        request = self.engine.submit(prompt.ids, self.params)
+        stops = (*self.params.stop_token_ids, *turn_stop_ids(self.engine.tokenizer))
+        request = self.engine.submit(prompt.ids, replace(self.params, stop_token_ids=stops))
         for delta in request:
             if shown := guard.feed(delta):
                 turn.text += shown

@@ -42,7 +42,7 @@ from myna.infer.engine import Request as EngineRequest
 from myna.moderation import Policy, StreamGuard, moderate_exchange
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
-from myna.template import check_messages, prompt_budget, render_prompt
+from myna.template import check_messages, prompt_budget, render_prompt, turn_stop_ids
 
 WEB_DIR = Path(__file__).with_name("web")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -557,9 +557,7 @@ def create_app(
         server.check_model(body)
         messages = _messages(body)
         tok, max_len = server.loaded.tokenizer, server.max_len
-        # a token that opens a turn means the model's own turn is over, as <|end|> does
-        turn_openers = (tok.bos_id, tok.system_id, tok.user_id, tok.assistant_id, tok.tool_result_id)
-        params = replace(_sampling(body, tok.vocab_size), stop_token_ids=turn_openers)
+        params = replace(_sampling(body, tok.vocab_size), stop_token_ids=turn_stop_ids(tok))
         requested = _number(body, "max_completion_tokens", None, 1, 2**31, integer=True)
         requested = requested or _number(body, "max_tokens", None, 1, 2**31, integer=True)
         stream, include_usage = _stream_flags(body)
