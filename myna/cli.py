@@ -355,7 +355,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
         if not (args.ckpt and args.train and args.val and args.out):
             sys.exit("myna classify train: --ckpt, --train, --val and --out are required")
         report = train_classifier(
-            args.ckpt, args.train, args.val, args.out, ClassifySettings(mode=args.mode), device=args.device
+            args.ckpt,
+            args.train,
+            args.val,
+            args.out,
+            ClassifySettings(mode=args.mode, lm_weight=args.lm_weight),
+            device=args.device,
         )
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -367,7 +372,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from myna.eval.run import evaluate_run, format_eval
-    from myna.eval.tweeteval import format_table, score_predictions
+    from myna.eval.tweeteval import TASKS, format_table, score_predictions
 
     if args.target == "tweeteval-score":
         if not args.predictions:
@@ -379,7 +384,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     from myna.eval.classify import ClassifySettings
 
-    settings = ClassifySettings(mode=args.classifier, **({"epochs": args.epochs} if args.epochs else {}))
+    settings = ClassifySettings(
+        mode=args.classifier,
+        **({"epochs": args.epochs} if args.epochs else {}),
+        **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {}),
+    )
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else TASKS
+    if unknown := set(tasks) - set(TASKS):
+        sys.exit(
+            f"myna eval --tasks: unknown task(s) {', '.join(sorted(unknown))}; expected {', '.join(TASKS)}"
+        )
     result = evaluate_run(
         args.target,
         out=args.out,
@@ -389,6 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         test_cap=args.test_cap,
         settings=settings,
         shots=args.shots,
+        tasks=tasks,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -567,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--mode", choices=["finetune", "probe"], default="finetune", help="train: (default finetune)"
     )
+    k.add_argument(
+        "--lm-weight",
+        type=float,
+        default=0.5,
+        help="train, finetune: auxiliary next-token loss weight (0 = off)",
+    )
     k.add_argument("--model", help="predict: a folder written by classify train")
     k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
     k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
@@ -582,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classifier", choices=["finetune", "probe"], default="finetune", help="classifier mode")
     e.add_argument("--epochs", type=int, help="classifier epochs per task (default 5, early-stopped)")
     e.add_argument("--train-cap", type=int, help="first N train rows per task (default: all bundled)")
+    e.add_argument("--tasks", help="comma-separated TweetEval tasks (default: all seven)")
+    e.add_argument(
+        "--lm-weight",
+        type=float,
+        help="finetune: weight of the auxiliary next-token loss (default 0.5; 0 = off)",
+    )
     e.add_argument(
         "--test-cap", type=int, help="first N test rows per task (not comparable to published rows)"
     )

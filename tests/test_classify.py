@@ -208,6 +208,21 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
     assert score == pytest.approx(report["val_metric"], abs=1e-9)
 
 
+def test_the_auxiliary_lm_loss_is_the_models_own_loss_on_the_unpadded_texts(run: Path, sentiment):
+    from myna.eval.classify import Classifier, collate, encode
+
+    base = load_model(run)
+    seqs = encode(base.tokenizer, sentiment[0].texts[:3], 64)
+    idx, lengths = collate(seqs, [0, 1, 2], base.tokenizer.pad_id, "cpu")
+    assert len(set(lengths.tolist())) > 1  # right padding is really there
+    model = Classifier(base.model, 3, "mean").eval()
+    with torch.no_grad():
+        _, lm_loss = model.forward_with_lm(idx, lengths)
+        # the same texts one at a time, no padding: token-weighted mean of the model's own next-token losses
+        total = sum(base.model(torch.tensor([s[:-1]]), torch.tensor([s[1:]]))[1] * (len(s) - 1) for s in seqs)
+    assert lm_loss.item() == pytest.approx((total / sum(len(s) - 1 for s in seqs)).item(), rel=1e-5)
+
+
 def test_probe_keeps_the_body_frozen_and_beats_majority(run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
     base = load_model(run)

@@ -262,6 +262,16 @@ class Classifier(nn.Module):
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(idx, lengths))
 
+    def forward_with_lm(self, idx: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and the next-token loss on the same texts (one pass through the body)."""
+        hidden = body_hidden(self.body, idx)
+        logits = self.head(pool(hidden, lengths, self.pooling))
+        targets = idx[:, 1:].masked_fill(
+            torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1
+        )
+        lm = self.body.lm_head(hidden[:, :-1]).float()
+        return logits, F.cross_entropy(lm.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """bos + the text's tokens, cut to max_len (pre-training put bos before every document)."""
@@ -315,6 +325,9 @@ class ClassifySettings:
     probe_epochs: int = 300  # full-batch steps of the probe's logistic regression
     weight_decay: float = 0.01
     class_weight: bool = True  # inverse-frequency loss weights: the macro metrics reward the rare classes
+    # finetune: weight of an auxiliary next-token loss on the training texts (keeps the body a language model of
+    # the task's text while it learns the labels; it raised val emotion 0.488 -> 0.500 and irony 0.750 -> 0.769)
+    lm_weight: float = 0.5
     max_len: int = 128  # tokens per text, bos included
     batch_tokens: int = 1024  # padded token slots per training batch (~30 tweets)
     seed: int = 0
@@ -465,7 +478,11 @@ def _train_finetune(
                 for group, lr in zip(opt.param_groups, (s.lr_body, s.lr_head), strict=True):
                     group["lr"] = lr * frac
                 idx, lengths = collate(x_train, b, pad, device)
-                loss = F.cross_entropy(model(idx, lengths), y[b].to(device), weight=weights)
+                if s.lm_weight:
+                    logits, lm_loss = model.forward_with_lm(idx, lengths)
+                    loss = F.cross_entropy(logits, y[b].to(device), weight=weights) + s.lm_weight * lm_loss
+                else:
+                    loss = F.cross_entropy(model(idx, lengths), y[b].to(device), weight=weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
