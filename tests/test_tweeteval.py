@@ -95,6 +95,9 @@ def test_table_marks_sentiment_as_approx_train():
     table = format_table({"ours": ours})
     assert "50.0 (approx. train)" in table and "| SVM |" in table and "**50.0**" in table
     assert len(table.splitlines()) == 2 + len(PUBLISHED) + 1
+    # a run of some tasks only (`myna eval --tasks`): their cells, dashes elsewhere, no ALL
+    some = format_table({"ours": {"irony": 60.0, "hate": 40.0}}).splitlines()[-1]
+    assert some == "| **ours** | - | - | 40.0 | 60.0 | - | - | - | **-** |"
 
 
 @pytest.mark.parametrize("shots", [0, 2])

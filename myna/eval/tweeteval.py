@@ -195,7 +195,10 @@ def format_table(ours: dict[str, dict[str, float]], approx: set[str] | None = No
         rows.append(f"| {name} | " + " | ".join(f"{scores[k]:.1f}" for k in (*TASKS, "ALL")) + " |")
     for name, scores in ours.items():
         marked = approx is None or name in approx
-        cells = [f"{scores[k]:.1f}" + (f" ({APPROX[k]})" if k in APPROX and marked else "") for k in TASKS]
+        cells = [
+            f"{scores[k]:.1f}" + (f" ({APPROX[k]})" if k in APPROX and marked else "") if k in scores else "-"
+            for k in TASKS
+        ]  # a run of some tasks (`myna eval --tasks`) leaves the others' cells empty
         all_cell = f"{scores['ALL']:.1f}" if "ALL" in scores else "-"
         rows.append(f"| **{name}** | " + " | ".join(cells) + f" | **{all_cell}** |")
     return "\n".join(rows)
