@@ -359,7 +359,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
             args.train,
             args.val,
             args.out,
-            ClassifySettings(mode=args.mode, lm_weight=args.lm_weight),
+            ClassifySettings(
+                mode=args.mode, **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {})
+            ),
             device=args.device,
         )
         print(json.dumps(report, indent=1, default=str))
@@ -585,8 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--lm-weight",
         type=float,
-        default=0.5,
-        help="train, finetune: auxiliary next-token loss weight (0 = off)",
+        help="train, finetune: auxiliary next-token loss weight (default 0.5; 0 = off)",
     )
     k.add_argument("--model", help="predict: a folder written by classify train")
     k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")

@@ -1,7 +1,8 @@
 """Text classifiers on a pre-trained Myna model: a pooled linear head on the GPT body.
 
 Two modes:
-- finetune: body and head trained together with AdamW, the body at a lower learning rate than the fresh head;
+- finetune: body and head trained together with AdamW, the body at a lower learning rate than the fresh head, with
+  an auxiliary next-token loss on the same texts (lm_weight) that keeps the body a language model of them;
 - probe: the body stays frozen, its pooled features are computed once and a logistic-regression head is trained
   on them (fast; tells how much the pre-trained features alone carry).
 Pooling is the mean of the final-normed hidden states over the real (non-pad) tokens, or the last token's state.
