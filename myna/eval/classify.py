@@ -264,14 +264,13 @@ class Classifier(nn.Module):
         return self.head(self.features(idx, lengths))
 
     def forward_with_lm(self, idx: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits and the next-token loss on the same texts (one pass through the body)."""
-        hidden = body_hidden(self.body, idx)
-        logits = self.head(pool(hidden, lengths, self.pooling))
-        targets = idx[:, 1:].masked_fill(
-            torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None], -1
-        )
-        lm = self.body.lm_head(hidden[:, :-1]).float()
-        return logits, F.cross_entropy(lm.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        """Class logits and the model's own next-token loss on the same texts (one pass through the body)."""
+        # position t predicts token t+1; a row's last real token and its padding predict nothing (-1)
+        targets = torch.full_like(idx, -1)
+        targets[:, :-1] = idx[:, 1:]
+        targets[torch.arange(idx.size(1), device=idx.device)[None, :] >= lengths[:, None] - 1] = -1
+        (_, lm_loss), hidden = self.body(idx, targets, return_hidden=True)
+        return self.head(pool(hidden, lengths, self.pooling)), lm_loss
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
