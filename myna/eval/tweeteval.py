@@ -326,9 +326,7 @@ def run_tweeteval(
             train = load_split(data_dir, task, "train", train_cap)
             val = load_split(data_dir, task, "val")
             # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
-            classes = sorted(
-                int(k) for k in mapping(data_dir, task)
-            )  # all of them, even if the cap left one out
+            classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
             trained = fit(
                 base,
                 train,
