@@ -58,10 +58,11 @@ def peak_flops(device: torch.device) -> float | None:
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for cfg.dtype (None = plain fp32).
 
-    "auto" is bf16 on CUDA and fp32 on CPU. Measured on this project's 2-core CPU (AVX2, no AVX-512 BF16 or AMX):
-    bf16 matmuls ran at 0-28 GFLOP/s against 39-97 in fp32, and a `cpu`-preset training step took 14.8 s under
-    bf16 autocast against 743 ms in fp32 (tiny: 783 vs 4,503 tokens/s). A CPU with bf16 instructions may differ:
-    set dtype="bfloat16" and compare with bench/train_cpu.py.
+    "auto" is bf16 on CUDA and fp32 on CPU. Measured on 2-core CPUs with bench/train_cpu.py: without bf16
+    instructions (AVX2) a `cpu`-preset step took 14.8 s under bf16 autocast against 743 ms in fp32; with AVX-512
+    BF16 bf16 steps ran 1.34x faster, but the loss curve did not hold (val loss after 300 steps 6.285 vs 5.876 in
+    fp32; fp32 was ahead at equal wall-clock time too). Most of the gap is bf16 attention (with attention kept in
+    fp32: 5.970), the rest the bf16 projections. Set dtype="bfloat16" to try it on another CPU.
     """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
