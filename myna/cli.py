@@ -406,6 +406,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         settings=settings,
         shots=args.shots,
         tasks=tasks,
+        seeds=args.seeds,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -605,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, help="classifier epochs per task (default 5, early-stopped)")
     e.add_argument("--train-cap", type=int, help="first N train rows per task (default: all bundled)")
     e.add_argument("--tasks", help="comma-separated TweetEval tasks (default: all seven)")
+    e.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="classifiers per task from consecutive seeds, probabilities averaged",
+    )
     e.add_argument(
         "--lm-weight",
         type=float,

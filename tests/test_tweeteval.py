@@ -155,3 +155,30 @@ def test_the_cli_scores_a_predictions_folder_without_marking_it():
     row = done.stdout.splitlines()[-1]
     assert row.startswith("| **reference_predictions_robrt** |") and row.endswith("| **65.2** |")
     assert "approx. train" not in row  # upstream's model trained on the real sentiment train split
+
+
+def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_factory, tmp_path: Path):
+    from dataclasses import replace
+
+    from myna.eval.classify import fit, predict_proba
+    from myna.runs import load_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tiny_run(tmp_path_factory.getbasetemp())
+        s = ClassifySettings(epochs=1, max_len=48)
+        result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
+        train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
+        test = load_split(DATA, "irony", "test")
+        metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
+        members = [fit(load_model(run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)]
+        probs = [predict_proba(m, test.texts) for m in members]
+    finally:
+        torch.set_num_threads(n)
+    # each member is the classifier its seed trains alone; the written predictions are their averaged argmax
+    expected = ((probs[0] + probs[1]) / 2).argmax(1)
+    written = (tmp_path / "predictions" / "irony.txt").read_text().split()
+    assert [int(p) for p in written] == expected.tolist()
+    assert not (probs[0].argmax(1) == probs[1].argmax(1)).all()  # the seeds differ, so the average matters
+    assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]

@@ -265,6 +265,7 @@ def evaluate_run(
     settings: ClassifySettings | None = None,
     shots: int = 0,
     tasks: Sequence[str] = TASKS,
+    seeds: int = 1,
     chat_prompts: int = 200,
     chat_max_tokens: int = CHAT_MAX_TOKENS,
     val_tokens: int = VAL_TOKENS,
@@ -273,10 +274,10 @@ def evaluate_run(
     """`myna eval RUN`: val loss/bpb, chat checks, TweetEval; writes `out` (default RUN/eval.json) and returns it.
 
     tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
-    (a fine-tuned classifier per task, `settings`), "lm" (label words scored by LM likelihood, `shots` examples),
-    "both" or "none". train_cap / test_cap keep the first rows of each train / test set (None: all; a capped test
-    set is not comparable to the published rows). TweetEval's predictions and per-mode results go to
-    OUT_DIR/tweeteval/MODE/.
+    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged), "lm" (label words scored
+    by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap keep the first rows of each train /
+    test set (None: all; a capped test set is not comparable to the published rows). TweetEval's predictions and
+    per-mode results go to OUT_DIR/tweeteval/MODE/.
     """
     if tweeteval_mode not in MODES:
         raise ValueError(f"tweeteval_mode={tweeteval_mode!r}: expected one of {', '.join(MODES)}")
@@ -338,6 +339,7 @@ def evaluate_run(
             settings=settings,
             tasks=tasks,
             device=device,
+            seeds=seeds,
         )
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)
@@ -349,6 +351,7 @@ def evaluate_run(
         "test_cap": test_cap,
         "shots": shots,
         "tasks": list(tasks),
+        "seeds": seeds,
         "chat_prompts": chat_prompts,
         "chat_max_tokens": chat_max_tokens,
         "val_tokens": val_tokens,

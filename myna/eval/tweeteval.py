@@ -17,7 +17,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -305,11 +305,14 @@ def run_tweeteval(
     settings: ClassifySettings | None = None,
     tasks: Sequence[str] = TASKS,
     device: str = "cpu",
+    seeds: int = 1,
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
-    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test). mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
+    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
+    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities). mode "lm":
+    zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
     """
@@ -321,25 +324,37 @@ def run_tweeteval(
     for task in tasks:
         start = time.time()
         test = load_split(data_dir, task, "test", test_cap)
-        base = load_model(run, device)  # fine-tuning changes the model: a fresh copy per task
         if mode == "classifier":
             train = load_split(data_dir, task, "train", train_cap)
             val = load_split(data_dir, task, "val")
             # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
             classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
-            trained = fit(
-                base,
-                train,
-                val,
-                settings,
-                metric=lambda g, p, task=task: task_metric(task, g, p),
-                labels=classes,
-            )
-            probs = predict_proba(trained, test.texts)
-            pred = [trained.labels[i] for i in probs.argmax(1)]
-            detail = {"val_metric": trained.report["val_metric"], "train_rows": len(train.texts)}
-            detail |= {k: trained.report[k] for k in ("val_ece_before", "val_ece_after", "train_seconds")}
+            s = settings or ClassifySettings()
+            members = [
+                fit(
+                    load_model(run, device),  # fine-tuning changes the model: a fresh copy per classifier
+                    train,
+                    val,
+                    replace(s, seed=s.seed + i),
+                    metric=lambda g, p, task=task: task_metric(task, g, p),
+                    labels=classes,
+                )
+                for i in range(seeds)
+            ]
+            probs = sum(predict_proba(m, test.texts) for m in members) / seeds
+            pred = [classes[i] for i in probs.argmax(1)]
+            reports = [m.report for m in members]
+            detail = {"val_metric": reports[0]["val_metric"], "train_rows": len(train.texts)}
+            detail |= {k: reports[0][k] for k in ("val_ece_before", "val_ece_after")}
+            detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
+            if seeds > 1:
+                val_probs = sum(predict_proba(m, val.texts) for m in members) / seeds
+                detail["val_metric_members"] = [r["val_metric"] for r in reports]
+                detail["val_metric"] = task_metric(
+                    task, val.labels, [classes[i] for i in val_probs.argmax(1)]
+                )
         else:
+            base = load_model(run, device)
             suffix, words = VERBALIZERS[task]
             prefix = ""
             if shots:
@@ -356,11 +371,13 @@ def run_tweeteval(
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
-        "mode": f"classifier ({(settings or ClassifySettings()).mode})"
+        "mode": f"classifier ({(settings or ClassifySettings()).mode}"
+        + (f", {seeds} seeds)" if seeds > 1 else ")")
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
+        "seeds": seeds if mode == "classifier" else None,
         "settings": asdict(settings or ClassifySettings()) if mode == "classifier" else None,
         "tasks": per_task,
     }
