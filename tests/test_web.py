@@ -59,11 +59,15 @@ def page(server):
         assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def send(page, text: str) -> None:
+def send(page, text: str, fails: bool = False) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
-    expect(page.locator("#messages .msg.assistant").last).to_have_attribute(
-        "data-state", "done", timeout=15000
+    reply = page.locator("#messages .msg.assistant").last
+    expect(reply).to_have_attribute("data-state", "done", timeout=15000)
+    # a reply that fails where none should says why here, not as a miscount later (seen once in CI)
+    failed = "failed" in (reply.get_attribute("class") or "").split()
+    assert failed == fails, (
+        f"reply to {text!r}: failed={failed}; its notes: {reply.locator('.notes').inner_text()!r}"
     )
 
 
@@ -122,7 +126,7 @@ def test_chat_page_streams_keeps_conversations_and_shows_errors(server, page, ru
     # 4. a wrong key: the server's error is shown, and the failed turn is marked
     page.click("#settings summary")
     page.fill("#api_key", "wrong-key")
-    send(page, "are you there")
+    send(page, "are you there", fails=True)
     expect(page.locator("#error")).to_contain_text("401: Incorrect API key")
     expect(page.locator("#messages .msg.assistant.failed")).to_have_count(1)
     page.screenshot(path=str(ARTIFACTS / "web_error.png"))
