@@ -321,6 +321,7 @@ def run_tweeteval(
     out = Path(out)
     per_task: dict[str, dict] = {}
     scores: dict[str, float] = {}
+    s = settings or ClassifySettings()
     for task in tasks:
         start = time.time()
         test = load_split(data_dir, task, "test", test_cap)
@@ -329,7 +330,6 @@ def run_tweeteval(
             val = load_split(data_dir, task, "val")
             # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
             classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
-            s = settings or ClassifySettings()
             members = [
                 fit(
                     load_model(run, device),  # fine-tuning changes the model: a fresh copy per classifier
@@ -371,14 +371,13 @@ def run_tweeteval(
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
-        "mode": f"classifier ({(settings or ClassifySettings()).mode}"
-        + (f", {seeds} seeds)" if seeds > 1 else ")")
+        "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''})"
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
-        "settings": asdict(settings or ClassifySettings()) if mode == "classifier" else None,
+        "settings": asdict(s) if mode == "classifier" else None,
         "tasks": per_task,
     }
     with atomic_write(out / "result.json", "w") as f:
