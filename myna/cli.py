@@ -407,6 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shots=args.shots,
         tasks=tasks,
         seeds=args.seeds,
+        decision=args.decision,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -611,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="classifiers per task from consecutive seeds, probabilities averaged",
+    )
+    e.add_argument(
+        "--decision",
+        choices=["argmax", "tuned"],
+        default="argmax",
+        help="classifier predictions: the most probable class, or per-class offsets tuned on val to the metric",
     )
     e.add_argument(
         "--lm-weight",

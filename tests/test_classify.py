@@ -14,6 +14,7 @@ from myna.eval.classify import (
     ClassifySettings,
     Examples,
     class_scores,
+    decide,
     ece,
     fit,
     fit_temperature,
@@ -22,6 +23,7 @@ from myna.eval.classify import (
     predict_file,
     read_examples,
     train_classifier,
+    tune_biases,
 )
 from myna.eval.tweeteval import load_split
 from myna.runs import load_model
@@ -167,6 +169,24 @@ def test_ece_and_temperature_by_hand():
     assert t > 1.5
     nll = torch.nn.functional.cross_entropy
     assert nll(logits / t, torch.tensor(gold)) < nll(logits, torch.tensor(gold))
+
+
+def test_tuned_biases_lift_a_rare_class_that_argmax_never_predicts():
+    # class 1 is a fifth of the rows; its probability is higher on its own rows but never above 0.5
+    rng = np.random.default_rng(0)
+    gold = np.array([1] * 200 + [0] * 800)
+    p1 = np.clip(np.where(gold == 1, 0.4, 0.15) + rng.normal(0, 0.08, gold.size), 0.01, 0.49)
+    probs = np.stack([1 - p1, p1], 1)
+    assert decide(probs).sum() == 0  # plain argmax: class 1 is never predicted
+    b = tune_biases(probs, gold.tolist(), macro_f1)
+    assert (
+        macro_f1(gold.tolist(), decide(probs, b).tolist())
+        > macro_f1(gold.tolist(), decide(probs).tolist()) + 0.2
+    )
+    assert b[1] - b[0] > 0  # the offset favours the rare class
+    # rows that argmax already gets all right give no reason to move: the offsets stay zero
+    clean = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    assert tune_biases(clean, [0, 1, 0, 1], macro_f1).tolist() == [0.0, 0.0]
 
 
 # --- training on real data -----------------------------------------------------------------------------------------

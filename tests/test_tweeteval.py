@@ -5,6 +5,7 @@ import gzip
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_classify import tiny_run
@@ -160,7 +161,7 @@ def test_the_cli_scores_a_predictions_folder_without_marking_it():
 def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_factory, tmp_path: Path):
     from dataclasses import replace
 
-    from myna.eval.classify import fit, predict_proba
+    from myna.eval.classify import decide, fit, predict_proba
     from myna.runs import load_model
 
     n = torch.get_num_threads()
@@ -168,7 +169,9 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
     try:
         run = tiny_run(tmp_path_factory.getbasetemp())
         s = ClassifySettings(epochs=1, max_len=48)
-        result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
+        result = run_tweeteval(
+            run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2, decision="tuned"
+        )
         train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
         test = load_split(DATA, "irony", "test")
         metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
@@ -176,9 +179,16 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
         probs = [predict_proba(m, test.texts) for m in members]
     finally:
         torch.set_num_threads(n)
-    # each member is the classifier its seed trains alone; the written predictions are their averaged argmax
-    expected = ((probs[0] + probs[1]) / 2).argmax(1)
+    # each member is the classifier its seed trains alone; the written predictions are their averaged
+    # probabilities' argmax after the offsets tuned on val, and the averaged probabilities are saved beside them
+    detail = result["tasks"]["irony"]
+    average = (probs[0] + probs[1]) / 2
+    expected = decide(average, np.array(detail["biases"]))
     written = (tmp_path / "predictions" / "irony.txt").read_text().split()
     assert [int(p) for p in written] == expected.tolist()
+    saved = np.load(tmp_path / "probabilities" / "irony.npz")
+    np.testing.assert_allclose(saved["test"], average, rtol=1e-5)
+    assert saved["val"].shape == (len(val.texts), 2) and saved["val_gold"].tolist() == val.labels
+    assert detail["val_metric_tuned"] >= detail["val_metric"] and "tuned decision" in result["mode"]
     assert not (probs[0].argmax(1) == probs[1].argmax(1)).all()  # the seeds differ, so the average matters
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]

@@ -20,10 +20,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from myna.eval.classify import ClassifySettings, Examples, body_hidden, class_scores, fit, predict_proba
+from myna.eval.classify import (
+    ClassifySettings,
+    Examples,
+    body_hidden,
+    class_scores,
+    decide,
+    fit,
+    predict_proba,
+    tune_biases,
+)
 from myna.io import atomic_write, open_binary
 from myna.progress import Progress, log
 from myna.runs import load_model
@@ -306,18 +316,23 @@ def run_tweeteval(
     tasks: Sequence[str] = TASKS,
     device: str = "cpu",
     seeds: int = 1,
+    decision: str = "argmax",
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
     capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
-    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities). mode "lm":
-    zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
+    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities). `decision`
+    "argmax" predicts the most probable class; "tuned" first adds per-class offsets fitted on val to the task's
+    metric (classify.tune_biases). Val and test probabilities go to OUT/probabilities/TASK.npz.
+    mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
     """
     if mode not in ("classifier", "lm"):
         raise ValueError(f"mode={mode!r}: expected 'classifier' or 'lm'")
+    if decision not in ("argmax", "tuned"):
+        raise ValueError(f"decision={decision!r}: expected 'argmax' or 'tuned'")
     out = Path(out)
     per_task: dict[str, dict] = {}
     scores: dict[str, float] = {}
@@ -342,17 +357,28 @@ def run_tweeteval(
                 for i in range(seeds)
             ]
             probs = sum(predict_proba(m, test.texts) for m in members) / seeds
-            pred = [classes[i] for i in probs.argmax(1)]
+            val_probs = sum(predict_proba(m, val.texts) for m in members) / seeds
             reports = [m.report for m in members]
-            detail = {"val_metric": reports[0]["val_metric"], "train_rows": len(train.texts)}
-            detail |= {k: reports[0][k] for k in ("val_ece_before", "val_ece_after")}
+            detail = {"train_rows": len(train.texts)}
             detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
+            detail |= {k: reports[0][k] for k in ("val_ece_before", "val_ece_after")}
             if seeds > 1:
-                val_probs = sum(predict_proba(m, val.texts) for m in members) / seeds
                 detail["val_metric_members"] = [r["val_metric"] for r in reports]
-                detail["val_metric"] = task_metric(
-                    task, val.labels, [classes[i] for i in val_probs.argmax(1)]
-                )
+
+            def on_ids(g: list[int], p: list[int], task=task, classes=classes) -> float:  # on class indices
+                return task_metric(task, [classes[i] for i in g], [classes[i] for i in p])
+
+            y_val = [classes.index(y) for y in val.labels]
+            detail["val_metric"] = on_ids(y_val, decide(val_probs).tolist())
+            biases = None
+            if decision == "tuned":
+                biases = tune_biases(val_probs, y_val, on_ids)
+                detail["biases"] = biases.round(3).tolist()
+                detail["val_metric_tuned"] = on_ids(y_val, decide(val_probs, biases).tolist())
+            pred = [classes[i] for i in decide(probs, biases)]
+            # the probabilities stay with the predictions: other decision rules need no retraining
+            with atomic_write(out / "probabilities" / f"{task}.npz", "wb") as f:
+                np.savez(f, classes=np.array(classes), val=val_probs, val_gold=np.array(y_val), test=probs)
         else:
             base = load_model(run, device)
             suffix, words = VERBALIZERS[task]
@@ -371,12 +397,14 @@ def run_tweeteval(
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
-        "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''})"
+        "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''}"
+        + (", tuned decision)" if decision == "tuned" else ")")
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
+        "decision": decision if mode == "classifier" else None,
         "settings": asdict(s) if mode == "classifier" else None,
         "tasks": per_task,
     }
