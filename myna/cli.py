@@ -360,7 +360,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
             args.val,
             args.out,
             ClassifySettings(
-                mode=args.mode, **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {})
+                mode=args.mode,
+                decision=args.decision,
+                **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {}),
             ),
             device=args.device,
         )
@@ -388,6 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     settings = ClassifySettings(
         mode=args.classifier,
+        decision=args.decision,
         **({"epochs": args.epochs} if args.epochs else {}),
         **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {}),
     )
@@ -407,7 +410,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shots=args.shots,
         tasks=tasks,
         seeds=args.seeds,
-        decision=args.decision,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -423,6 +425,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 def serve_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
+
+def decision_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--decision",
+        choices=["argmax", "tuned"],
+        default="argmax",
+        help="classifier labels: the most probable class, or argmax after per-class offsets tuned on val to the metric",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="train, finetune: auxiliary next-token loss weight (default 0.5; 0 = off)",
     )
+    decision_flag(k)
     k.add_argument("--model", help="predict: a folder written by classify train")
     k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
     k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
@@ -613,12 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="classifiers per task from consecutive seeds, probabilities averaged",
     )
-    e.add_argument(
-        "--decision",
-        choices=["argmax", "tuned"],
-        default="argmax",
-        help="classifier predictions: the most probable class, or per-class offsets tuned on val to the metric",
-    )
+    decision_flag(e)
     e.add_argument(
         "--lm-weight",
         type=float,

@@ -273,7 +273,8 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
         )
 
     trained = myna("train", "--ckpt", str(run), "--train", str(tmp_path / "train.jsonl"), "--val",
-                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe")  # fmt: skip
+                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe",
+                   "--decision", "tuned")  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     predicted = myna("predict", "--model", str(tmp_path / "clf"), "--input", str(tmp_path / "val.jsonl"),
                      "--out", str(tmp_path / "pred.jsonl"))  # fmt: skip
@@ -281,5 +282,12 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == 100 and all(r["label"] in names for r in rows)
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    # the labels are the argmax after the offsets tuned on val, which the folder keeps
+    folder = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    order, biases = folder["labels"], folder["biases"]  # the classifier's own label order
+    assert any(biases)
+    probs = np.array([[r["probabilities"][n] for n in order] for r in rows])
+    assert [r["label"] for r in rows] == [order[k] for k in decide(probs, np.array(biases))]
+    assert [r["label"] for r in rows] != [order[k] for k in probs.argmax(1)]
     missing = myna("train", "--ckpt", str(run))
     assert missing.returncode != 0 and "--train, --val and --out are required" in missing.stderr

@@ -168,10 +168,8 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
     torch.set_num_threads(1)
     try:
         run = tiny_run(tmp_path_factory.getbasetemp())
-        s = ClassifySettings(epochs=1, max_len=48)
-        result = run_tweeteval(
-            run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2, decision="tuned"
-        )
+        s = ClassifySettings(epochs=1, max_len=48, decision="tuned")
+        result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
         train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
         test = load_split(DATA, "irony", "test")
         metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731

@@ -8,9 +8,10 @@ Two modes:
 Pooling is the mean of the final-normed hidden states over the real (non-pad) tokens, or the last token's state.
 Training stops early on the validation metric (macro-F1 unless the caller gives another); the best epoch's weights
 are kept. A temperature fitted on val (Guo et al. 2017) makes the softmax probabilities calibrated; the expected
-calibration error before and after is reported.
+calibration error before and after is reported. With decision "tuned", per-class offsets to the log-probabilities
+are fitted on val to the metric too (tune_biases): the label is argmax(log p + b), the probabilities stay calibrated.
 
-A trained classifier is a folder: classifier.json (labels, settings, metrics, base checkpoint, model shape),
+A trained classifier is a folder: classifier.json (labels, settings, offsets, metrics, base checkpoint, model shape),
 head.safetensors, body.safetensors (finetune only; a probe reads its frozen body from the base checkpoint) and the
 tokenizer.json it was trained with.
 """
@@ -373,6 +374,8 @@ class ClassifySettings:
     # finetune: weight of an auxiliary next-token loss on the training texts (keeps the body a language model of
     # the task's text while it learns the labels; it raised val emotion 0.488 -> 0.500 and irony 0.750 -> 0.769)
     lm_weight: float = 0.5
+    # "argmax": the most probable class; "tuned": argmax of log p plus per-class offsets fitted on val to the metric
+    decision: str = "argmax"
     max_len: int = 128  # tokens per text, bos included
     batch_tokens: int = 1024  # padded token slots per training batch (~30 tweets)
     seed: int = 0
@@ -387,6 +390,7 @@ class Trained:
     temperature: float
     base: str  # the checkpoint the body came from
     report: dict
+    biases: list[float] | None = None  # decision "tuned": the offsets added to log p before argmax
 
 
 @torch.no_grad()
@@ -444,6 +448,8 @@ def fit(
     s = settings or ClassifySettings()
     if s.mode not in ("finetune", "probe"):
         raise ValueError(f"mode={s.mode!r}: expected 'finetune' or 'probe'")
+    if s.decision not in ("argmax", "tuned"):
+        raise ValueError(f"decision={s.decision!r}: expected 'argmax' or 'tuned'")
     labels = list(labels) if labels is not None else label_vocab(train)
     if len(labels) < 2:
         raise ValueError(f"{train.source}: only one label ({labels[0]!r}); a classifier needs two or more")
@@ -476,6 +482,10 @@ def fit(
     before = ece(val_logits.softmax(-1).numpy(), y_val)
     after = ece((val_logits / temperature).softmax(-1).numpy(), y_val)
     best = max(history, key=lambda h: h["val_metric"])
+    biases = None
+    if s.decision == "tuned":
+        val_probs = (val_logits / temperature).softmax(-1).numpy()
+        biases = tune_biases(val_probs, y_val, on_labels).tolist()
     report = {
         "val_metric": best["val_metric"],
         "best_check": best["check"],
@@ -487,11 +497,16 @@ def fit(
         "val_rows": len(y_val),
         "train_seconds": round(train_s, 1),
     }
+    if biases is not None:
+        report["biases"] = [round(b, 3) for b in biases]
+        report["val_metric_tuned"] = on_labels(y_val, decide(val_probs, np.array(biases)).tolist())
     log(
         f"classifier ({s.mode}, {s.pooling} pooling): val metric {best['val_metric']:.4f} at check "
         f"{best['check']}; T={temperature:.3f}, val ECE {before:.4f} -> {after:.4f}; {train_s:.0f} s"
     )
-    return Trained(model.eval(), tok, labels, s, temperature, str(Path(base.checkpoint).resolve()), report)
+    return Trained(
+        model.eval(), tok, labels, s, temperature, str(Path(base.checkpoint).resolve()), report, biases
+    )
 
 
 def _train_finetune(
@@ -599,6 +614,7 @@ def save(trained: Trained, out: str | Path) -> None:
         "mode": trained.settings.mode,
         "labels": trained.labels,
         "temperature": trained.temperature,
+        "biases": trained.biases,
         "base": trained.base,
         "settings": asdict(trained.settings),
         "model": asdict(m.body.cfg),
@@ -628,7 +644,9 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a classifier folder (no classifier.json)")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    settings = ClassifySettings(**config["settings"])
+    settings = ClassifySettings(
+        **config["settings"]
+    )  # folders from before `decision` existed default to argmax
     if settings.mode == "probe":
         base = load_model(config["base"], device)
         body, tok = base.model, base.tokenizer
@@ -646,7 +664,14 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
     model = Classifier(body, len(config["labels"]), settings.pooling).to(device)
     model.head.load_state_dict(load_file(str(model_dir / "head.safetensors"), device=str(device)))
     return Trained(
-        model.eval(), tok, config["labels"], settings, config["temperature"], config["base"], config["report"]
+        model.eval(),
+        tok,
+        config["labels"],
+        settings,
+        config["temperature"],
+        config["base"],
+        config["report"],
+        config.get("biases"),
     )
 
 
@@ -676,15 +701,17 @@ def predict_file(
     model_dir: str | Path, input: str | Path, out: str | Path | None = None, device: str = "cpu"
 ) -> int:
     """`myna classify predict`: one JSON line per input row ({"label", "probabilities": {label: p}}, plus the
-    gold "gold" when the input has labels), to `out` (atomically) or stdout; returns the row count."""
+    gold "gold" when the input has labels), to `out` (atomically) or stdout; returns the row count. The label is the
+    argmax, after the classifier's tuned offsets if it has them."""
     trained = load(model_dir, device)
     ex = read_examples(input, require_labels=False)
     probs = predict_proba(trained, ex.texts)
+    picks = decide(probs, None if trained.biases is None else np.array(trained.biases))
     names = [str(x) for x in trained.labels]
     rows = []
-    for p, gold in zip(probs, ex.labels, strict=True):
+    for p, k, gold in zip(probs, picks, ex.labels, strict=True):
         row = {
-            "label": trained.labels[int(p.argmax())],
+            "label": trained.labels[int(k)],
             "probabilities": dict(zip(names, map(float, p), strict=True)),
         }
         if gold is not None:

@@ -266,7 +266,6 @@ def evaluate_run(
     shots: int = 0,
     tasks: Sequence[str] = TASKS,
     seeds: int = 1,
-    decision: str = "argmax",
     chat_prompts: int = 200,
     chat_max_tokens: int = CHAT_MAX_TOKENS,
     val_tokens: int = VAL_TOKENS,
@@ -275,8 +274,7 @@ def evaluate_run(
     """`myna eval RUN`: val loss/bpb, chat checks, TweetEval; writes `out` (default RUN/eval.json) and returns it.
 
     tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
-    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged, `decision` "argmax" or
-    "tuned" on val), "lm" (label words scored
+    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged), "lm" (label words scored
     by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap keep the first rows of each train /
     test set (None: all; a capped test set is not comparable to the published rows). TweetEval's predictions and
     per-mode results go to OUT_DIR/tweeteval/MODE/.
@@ -342,7 +340,6 @@ def evaluate_run(
             tasks=tasks,
             device=device,
             seeds=seeds,
-            decision=decision,
         )
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)

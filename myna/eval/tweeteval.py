@@ -316,23 +316,20 @@ def run_tweeteval(
     tasks: Sequence[str] = TASKS,
     device: str = "cpu",
     seeds: int = 1,
-    decision: str = "argmax",
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
     capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
-    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities). `decision`
-    "argmax" predicts the most probable class; "tuned" first adds per-class offsets fitted on val to the task's
-    metric (classify.tune_biases). Val and test probabilities go to OUT/probabilities/TASK.npz.
+    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities; settings.decision
+    "tuned" fits the offsets of classify.tune_biases to those averaged probabilities on val). Val and test
+    probabilities go to OUT/probabilities/TASK.npz.
     mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
     """
     if mode not in ("classifier", "lm"):
         raise ValueError(f"mode={mode!r}: expected 'classifier' or 'lm'")
-    if decision not in ("argmax", "tuned"):
-        raise ValueError(f"decision={decision!r}: expected 'argmax' or 'tuned'")
     out = Path(out)
     per_task: dict[str, dict] = {}
     scores: dict[str, float] = {}
@@ -371,7 +368,7 @@ def run_tweeteval(
             y_val = [classes.index(y) for y in val.labels]
             detail["val_metric"] = on_ids(y_val, decide(val_probs).tolist())
             biases = None
-            if decision == "tuned":
+            if s.decision == "tuned":
                 biases = tune_biases(val_probs, y_val, on_ids)
                 detail["biases"] = biases.round(3).tolist()
                 detail["val_metric_tuned"] = on_ids(y_val, decide(val_probs, biases).tolist())
@@ -398,13 +395,12 @@ def run_tweeteval(
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
         "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''}"
-        + (", tuned decision)" if decision == "tuned" else ")")
+        + (", tuned decision)" if s.decision == "tuned" else ")")
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
-        "decision": decision if mode == "classifier" else None,
         "settings": asdict(s) if mode == "classifier" else None,
         "tasks": per_task,
     }
