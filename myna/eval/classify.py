@@ -644,9 +644,8 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a classifier folder (no classifier.json)")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    settings = ClassifySettings(
-        **config["settings"]
-    )  # folders from before `decision` existed default to argmax
+    # a folder from before the `decision` setting existed has none: it gets the default, argmax
+    settings = ClassifySettings(**config["settings"])
     if settings.mode == "probe":
         base = load_model(config["base"], device)
         body, tok = base.model, base.tokenizer
