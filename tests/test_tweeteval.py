@@ -175,6 +175,7 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
         metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
         members = [fit(load_model(run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)]
         probs = [predict_proba(m, test.texts) for m in members]
+        val_probs = [predict_proba(m, val.texts) for m in members]
     finally:
         torch.set_num_threads(n)
     # each member is the classifier its seed trains alone; the written predictions are their averaged
@@ -186,6 +187,7 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
     assert [int(p) for p in written] == expected.tolist()
     saved = np.load(tmp_path / "probabilities" / "irony.npz")
     np.testing.assert_allclose(saved["test"], average, rtol=1e-5)
+    np.testing.assert_allclose(saved["val"], (val_probs[0] + val_probs[1]) / 2, rtol=1e-5)
     assert saved["val"].shape == (len(val.texts), 2) and saved["val_gold"].tolist() == val.labels
     assert detail["val_metric_tuned"] >= detail["val_metric"] and "tuned decision" in result["mode"]
     assert not (probs[0].argmax(1) == probs[1].argmax(1)).all()  # the seeds differ, so the average matters

@@ -391,6 +391,8 @@ class Trained:
     base: str  # the checkpoint the body came from
     report: dict
     biases: list[float] | None = None  # decision "tuned": the offsets added to log p before argmax
+    # fit's calibrated val probabilities (rows in val order), for ensembles; None once loaded
+    val_probs: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -479,12 +481,12 @@ def fit(
     train_s = time.time() - start
 
     temperature = fit_temperature(val_logits, y_val)
+    val_probs = (val_logits / temperature).softmax(-1).numpy()
     before = ece(val_logits.softmax(-1).numpy(), y_val)
-    after = ece((val_logits / temperature).softmax(-1).numpy(), y_val)
+    after = ece(val_probs, y_val)
     best = max(history, key=lambda h: h["val_metric"])
     biases = None
     if s.decision == "tuned":
-        val_probs = (val_logits / temperature).softmax(-1).numpy()
         biases = tune_biases(val_probs, y_val, on_labels).tolist()
     report = {
         "val_metric": best["val_metric"],
@@ -504,9 +506,8 @@ def fit(
         f"classifier ({s.mode}, {s.pooling} pooling): val metric {best['val_metric']:.4f} at check "
         f"{best['check']}; T={temperature:.3f}, val ECE {before:.4f} -> {after:.4f}; {train_s:.0f} s"
     )
-    return Trained(
-        model.eval(), tok, labels, s, temperature, str(Path(base.checkpoint).resolve()), report, biases
-    )
+    base_ckpt = str(Path(base.checkpoint).resolve())
+    return Trained(model.eval(), tok, labels, s, temperature, base_ckpt, report, biases, val_probs)
 
 
 def _train_finetune(

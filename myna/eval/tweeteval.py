@@ -347,14 +347,14 @@ def run_tweeteval(
                     load_model(run, device),  # fine-tuning changes the model: a fresh copy per classifier
                     train,
                     val,
-                    replace(s, seed=s.seed + i),
+                    replace(s, seed=s.seed + i, decision="argmax"),  # the ensemble decides, below
                     metric=lambda g, p, task=task: task_metric(task, g, p),
                     labels=classes,
                 )
                 for i in range(seeds)
             ]
             probs = sum(predict_proba(m, test.texts) for m in members) / seeds
-            val_probs = sum(predict_proba(m, val.texts) for m in members) / seeds
+            val_probs = sum(m.val_probs for m in members) / seeds
             reports = [m.report for m in members]
             detail = {"train_rows": len(train.texts)}
             detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
