@@ -359,11 +359,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
             args.train,
             args.val,
             args.out,
-            ClassifySettings(
-                mode=args.mode,
-                decision=args.decision,
-                **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {}),
-            ),
+            ClassifySettings(mode=args.mode, **finetune_settings(args)),
             device=args.device,
         )
         print(json.dumps(report, indent=1, default=str))
@@ -390,9 +386,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     settings = ClassifySettings(
         mode=args.classifier,
-        decision=args.decision,
         **({"epochs": args.epochs} if args.epochs else {}),
-        **({"lm_weight": args.lm_weight} if args.lm_weight is not None else {}),
+        **finetune_settings(args),
     )
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else TASKS
     if unknown := set(tasks) - set(TASKS):
@@ -427,13 +422,33 @@ def serve_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
 
-def decision_flag(sp: argparse.ArgumentParser) -> None:
+def finetune_flags(sp: argparse.ArgumentParser) -> None:
+    """The classifier settings `classify train` and `eval` share."""
     sp.add_argument(
         "--decision",
         choices=["argmax", "tuned"],
         default="argmax",
         help="classifier labels: the most probable class, or argmax after per-class offsets tuned on val to the metric",
     )
+    sp.add_argument(
+        "--lm-weight",
+        type=float,
+        help="finetune: weight of the auxiliary next-token loss (default 0.5; 0 = off)",
+    )
+    sp.add_argument(
+        "--lr-body",
+        type=float,
+        help="finetune: peak learning rate of the pre-trained body (default 3e-4)",
+    )
+    sp.add_argument(
+        "--lr-head", type=float, help="finetune: peak learning rate of the fresh head (default 3e-3)"
+    )
+
+
+def finetune_settings(args: argparse.Namespace) -> dict:
+    """ClassifySettings fields the shared flags set; a flag left out keeps the dataclass default."""
+    given = {"lm_weight": args.lm_weight, "lr_body": args.lr_body, "lr_head": args.lr_head}
+    return {"decision": args.decision, **{k: v for k, v in given.items() if v is not None}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,12 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--mode", choices=["finetune", "probe"], default="finetune", help="train: (default finetune)"
     )
-    k.add_argument(
-        "--lm-weight",
-        type=float,
-        help="train, finetune: auxiliary next-token loss weight (default 0.5; 0 = off)",
-    )
-    decision_flag(k)
+    finetune_flags(k)
     k.add_argument("--model", help="predict: a folder written by classify train")
     k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
     k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
@@ -625,12 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="classifiers per task from consecutive seeds, probabilities averaged",
     )
-    decision_flag(e)
-    e.add_argument(
-        "--lm-weight",
-        type=float,
-        help="finetune: weight of the auxiliary next-token loss (default 0.5; 0 = off)",
-    )
+    finetune_flags(e)
     e.add_argument(
         "--test-cap", type=int, help="first N test rows per task (not comparable to published rows)"
     )

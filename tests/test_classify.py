@@ -291,3 +291,15 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
     assert [r["label"] for r in rows] != [order[k] for k in probs.argmax(1)]
     missing = myna("train", "--ckpt", str(run))
     assert missing.returncode != 0 and "--train, --val and --out are required" in missing.stderr
+
+
+def test_the_finetune_flags_of_classify_train_and_eval_reach_the_settings():
+    from myna.cli import build_parser, finetune_settings
+
+    parser = build_parser()
+    args = parser.parse_args(["classify", "train", "--lr-body", "1e-3", "--lm-weight", "0.25"])
+    s = ClassifySettings(mode=args.mode, **finetune_settings(args))
+    assert (s.lr_body, s.lm_weight, s.lr_head, s.decision) == (1e-3, 0.25, ClassifySettings.lr_head, "argmax")
+    args = parser.parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0", "--decision", "tuned"])
+    s = ClassifySettings(**finetune_settings(args))
+    assert (s.lr_head, s.lm_weight, s.lr_body, s.decision) == (1e-2, 0.0, ClassifySettings.lr_body, "tuned")
