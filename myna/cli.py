@@ -361,6 +361,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
             args.out,
             ClassifySettings(mode=args.mode, **finetune_settings(args)),
             device=args.device,
+            body_from=args.body_from,
         )
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -386,7 +387,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     settings = ClassifySettings(
         mode=args.classifier,
-        **({"epochs": args.epochs} if args.epochs else {}),
         **finetune_settings(args),
     )
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else TASKS
@@ -405,6 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shots=args.shots,
         tasks=tasks,
         seeds=args.seeds,
+        body_from=args.body_from,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -424,6 +425,7 @@ def serve_flags(sp: argparse.ArgumentParser) -> None:
 
 def finetune_flags(sp: argparse.ArgumentParser) -> None:
     """The classifier settings `classify train` and `eval` share."""
+    sp.add_argument("--epochs", type=int, help="finetune: epochs at most (default 5; early-stopped on val)")
     sp.add_argument(
         "--decision",
         choices=["argmax", "tuned"],
@@ -447,7 +449,12 @@ def finetune_flags(sp: argparse.ArgumentParser) -> None:
 
 def finetune_settings(args: argparse.Namespace) -> dict:
     """ClassifySettings fields the shared flags set; a flag left out keeps the dataclass default."""
-    given = {"lm_weight": args.lm_weight, "lr_body": args.lr_body, "lr_head": args.lr_head}
+    given = {
+        "epochs": args.epochs,
+        "lm_weight": args.lm_weight,
+        "lr_body": args.lr_body,
+        "lr_head": args.lr_head,
+    }
     return {"decision": args.decision, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -626,7 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["classifier", "lm", "both", "none"], default="classifier", help="TweetEval mode"
     )
     e.add_argument("--classifier", choices=["finetune", "probe"], default="finetune", help="classifier mode")
-    e.add_argument("--epochs", type=int, help="classifier epochs per task (default 5, early-stopped)")
     e.add_argument("--train-cap", type=int, help="first N train rows per task (default: all bundled)")
     e.add_argument("--tasks", help="comma-separated TweetEval tasks (default: all seven)")
     e.add_argument(

@@ -303,3 +303,43 @@ def test_the_finetune_flags_of_classify_train_and_eval_reach_the_settings():
     args = parser.parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0", "--decision", "tuned"])
     s = ClassifySettings(**finetune_settings(args))
     assert (s.lr_head, s.lm_weight, s.lr_body, s.decision) == (1e-2, 0.0, ClassifySettings.lr_body, "tuned")
+
+
+def test_a_fine_tune_starts_from_another_classifiers_body_and_bad_folders_are_refused(
+    run: Path, sentiment, tmp_path: Path
+):
+    from safetensors.torch import load_file
+
+    from myna.eval.classify import load_body
+
+    train, val = sentiment
+    names = ["negative", "neutral", "positive"]
+    _write_jsonl(tmp_path / "train.jsonl", _first(train, 200), names)
+    _write_jsonl(tmp_path / "val.jsonl", _first(val, 100), names)
+    files = (run, tmp_path / "train.jsonl", tmp_path / "val.jsonl")
+    quick = ClassifySettings(epochs=1, evals_per_epoch=1, lr_body=1e-3, max_len=32)
+    train_classifier(*files, tmp_path / "first", quick)
+    first = load_file(str(tmp_path / "first" / "body.safetensors"))
+    pretrained = load_model(run).model.state_dict()
+    assert any(not torch.equal(v, pretrained[k]) for k, v in first.items())
+
+    base = load_model(run)
+    load_body(tmp_path / "first", base)
+    assert all(torch.equal(base.model.state_dict()[k], v) for k, v in first.items())
+    # a body that cannot move (lr 0, no weight decay step) ends where it started: the first classifier's body
+    frozen = ClassifySettings(epochs=1, evals_per_epoch=1, lr_body=0.0, lm_weight=0.0, max_len=32)
+    report = train_classifier(*files, tmp_path / "second", frozen, body_from=tmp_path / "first")
+    second = load_file(str(tmp_path / "second" / "body.safetensors"))
+    assert all(torch.equal(second[k], v) for k, v in first.items())
+    assert report["body_from"] == str((tmp_path / "first").resolve())
+
+    train_classifier(*files, tmp_path / "probe", ClassifySettings(mode="probe", probe_epochs=5, max_len=32))
+    with pytest.raises(ValueError, match="a probe has no fine-tuned body"):
+        load_body(tmp_path / "probe", load_model(run))
+    with pytest.raises(FileNotFoundError, match="not a classifier folder"):
+        load_body(tmp_path, load_model(run))
+    config = json.loads((tmp_path / "first" / "classifier.json").read_text())
+    config["model"]["n_layer"] += 1
+    (tmp_path / "first" / "classifier.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its body has shape"):
+        load_body(tmp_path / "first", load_model(run))

@@ -192,3 +192,32 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
     assert detail["val_metric_tuned"] >= detail["val_metric"] and "tuned decision" in result["mode"]
     assert not (probs[0].argmax(1) == probs[1].argmax(1)).all()  # the seeds differ, so the average matters
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]
+
+
+def test_body_from_starts_every_task_from_a_fine_tuned_classifiers_body(tmp_path_factory, tmp_path: Path):
+    from myna.eval.classify import decide, fit, load_body, predict_proba, save
+    from myna.runs import load_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tiny_run(tmp_path_factory.getbasetemp())
+        s = ClassifySettings(epochs=1, max_len=48)
+        train, val = load_split(DATA, "hate", "train", 80), load_split(DATA, "hate", "val")
+        metric = lambda g, p: task_metric("hate", g, p)  # noqa: E731
+        save(fit(load_model(run), train, val, s, metric, [0, 1]), tmp_path / "hate")
+        out = tmp_path / "eval"
+        result = run_tweeteval(
+            run, DATA, out, train_cap=80, settings=s, tasks=("irony",), body_from=tmp_path / "hate"
+        )
+        # the same fit by hand, from the hate classifier's body
+        base = load_model(run)
+        load_body(tmp_path / "hate", base)
+        train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
+        by_hand = fit(base, train, val, s, lambda g, p: task_metric("irony", g, p), [0, 1])
+        expected = decide(predict_proba(by_hand, load_split(DATA, "irony", "test").texts))
+    finally:
+        torch.set_num_threads(n)
+    written = (out / "predictions" / "irony.txt").read_text().split()
+    assert [int(p) for p in written] == expected.tolist()
+    assert result["body_from"] == str((tmp_path / "hate").resolve()) and "body from" in result["mode"]

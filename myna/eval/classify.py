@@ -638,13 +638,17 @@ def save(trained: Trained, out: str | Path) -> None:
         trained.tokenizer.save(tmp / "tokenizer.json")
 
 
-def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """A classifier folder written by `save`, ready to predict."""
-    model_dir = Path(model_dir)
+def _read_config(model_dir: Path) -> dict:
     cfg_path = model_dir / "classifier.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a classifier folder (no classifier.json)")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    return json.loads(cfg_path.read_text(encoding="utf-8"))
+
+
+def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """A classifier folder written by `save`, ready to predict."""
+    model_dir = Path(model_dir)
+    config = _read_config(model_dir)
     # a folder from before the `decision` setting existed has none: it gets the default, argmax
     settings = ClassifySettings(**config["settings"])
     if settings.mode == "probe":
@@ -653,13 +657,7 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
     else:
         with torch.device(device):
             body = GPT(ModelConfig(**config["model"]))
-        missing, unexpected = body.load_state_dict(
-            load_file(str(model_dir / "body.safetensors"), device=str(device)), strict=False
-        )
-        if unexpected or any(not k.startswith("lm_head.") for k in missing):
-            raise ValueError(
-                f"{model_dir}/body.safetensors: does not match the model (missing {missing}, unexpected {unexpected})"
-            )
+        _read_body(model_dir, body)
         tok = Tokenizer.from_file(model_dir / "tokenizer.json")
     model = Classifier(body, len(config["labels"]), settings.pooling).to(device)
     model.head.load_state_dict(load_file(str(model_dir / "head.safetensors"), device=str(device)))
@@ -673,6 +671,37 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
         config["report"],
         config.get("biases"),
     )
+
+
+def _read_body(model_dir: Path, body: GPT) -> None:
+    state = load_file(str(model_dir / "body.safetensors"), device=str(body.tok_emb.weight.device))
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ValueError(f"{model_dir}/body.safetensors: does not match the model: {e}") from None
+    if unexpected or any(not k.startswith("lm_head.") for k in missing):
+        raise ValueError(
+            f"{model_dir}/body.safetensors: does not match the model (missing {missing}, unexpected {unexpected})"
+        )
+
+
+def load_body(model_dir: str | Path, base: Loaded) -> None:
+    """Put a fine-tuned classifier's body in place of base's weights: intermediate-task transfer.
+
+    A body first fine-tuned on a large labelled task starts the fine-tune of a smaller related one (Phang et al.
+    2018, "STILTs"; DeepMoji's emoji prediction as the intermediate task for emotion and sarcasm). The classifier
+    must come from a base of the same shape and tokenizer; its head is not used.
+    """
+    model_dir = Path(model_dir)
+    config = _read_config(model_dir)
+    if config["settings"]["mode"] != "finetune":
+        raise ValueError(f"{model_dir}: a probe has no fine-tuned body; train it with --mode finetune")
+    if config["model"] != asdict(base.config):
+        raise ValueError(f"{model_dir}: its body has shape {config['model']}, the base {asdict(base.config)}")
+    tok = Tokenizer.from_file(model_dir / "tokenizer.json")
+    if (tok.token_bytes, tok.special_ids) != (base.tokenizer.token_bytes, base.tokenizer.special_ids):
+        raise ValueError(f"{model_dir}/tokenizer.json: not the tokenizer of {base.run_dir}")
+    _read_body(model_dir, base.model)
 
 
 def predict_proba(trained: Trained, texts: Sequence[str]) -> np.ndarray:
@@ -689,10 +718,17 @@ def train_classifier(
     out: str | Path,
     settings: ClassifySettings | None = None,
     device: str = "cpu",
+    body_from: str | Path | None = None,
 ) -> dict:
-    """`myna classify train`: files in, classifier folder out; returns the training report."""
+    """`myna classify train`: files in, classifier folder out; returns the training report. `body_from`: a
+    fine-tuned classifier folder whose body (not the checkpoint's) the fine-tune starts from (load_body)."""
     train_ex, val_ex = read_examples(train), read_examples(val)
-    trained = fit(load_model(ckpt, device), train_ex, val_ex, settings)
+    base = load_model(ckpt, device)
+    if body_from is not None:
+        load_body(body_from, base)
+    trained = fit(base, train_ex, val_ex, settings)
+    if body_from is not None:
+        trained.report["body_from"] = str(Path(body_from).resolve())
     save(trained, out)
     return trained.report
 

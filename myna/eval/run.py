@@ -266,6 +266,7 @@ def evaluate_run(
     shots: int = 0,
     tasks: Sequence[str] = TASKS,
     seeds: int = 1,
+    body_from: str | Path | None = None,
     chat_prompts: int = 200,
     chat_max_tokens: int = CHAT_MAX_TOKENS,
     val_tokens: int = VAL_TOKENS,
@@ -274,7 +275,8 @@ def evaluate_run(
     """`myna eval RUN`: val loss/bpb, chat checks, TweetEval; writes `out` (default RUN/eval.json) and returns it.
 
     tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
-    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged), "lm" (label words scored
+    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged; each fine-tune starts from the
+    body of the classifier folder `body_from` when given), "lm" (label words scored
     by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap keep the first rows of each train /
     test set (None: all; a capped test set is not comparable to the published rows). TweetEval's predictions and
     per-mode results go to OUT_DIR/tweeteval/MODE/.
@@ -340,6 +342,7 @@ def evaluate_run(
             tasks=tasks,
             device=device,
             seeds=seeds,
+            body_from=body_from,
         )
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)
@@ -352,6 +355,7 @@ def evaluate_run(
         "shots": shots,
         "tasks": list(tasks),
         "seeds": seeds,
+        "body_from": None if body_from is None else str(body_from),
         "chat_prompts": chat_prompts,
         "chat_max_tokens": chat_max_tokens,
         "val_tokens": val_tokens,

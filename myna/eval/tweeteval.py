@@ -31,12 +31,13 @@ from myna.eval.classify import (
     class_scores,
     decide,
     fit,
+    load_body,
     predict_proba,
     tune_biases,
 )
 from myna.io import atomic_write, open_binary
 from myna.progress import Progress, log
-from myna.runs import load_model
+from myna.runs import Loaded, load_model
 
 TASKS = ("emoji", "emotion", "hate", "irony", "offensive", "sentiment", "stance")
 STANCE_TARGETS = ("abortion", "atheism", "climate", "feminist", "hillary")
@@ -304,6 +305,13 @@ def _few_shot_prefix(train: Examples, task: str, shots: int, rng: random.Random)
 # Runs on all seven tasks
 
 
+def _base(run: str | Path, device: str, body_from: str | Path | None) -> Loaded:
+    base = load_model(run, device)
+    if body_from is not None:
+        load_body(body_from, base)
+    return base
+
+
 def run_tweeteval(
     run: str | Path,
     data_dir: str | Path,
@@ -316,14 +324,16 @@ def run_tweeteval(
     tasks: Sequence[str] = TASKS,
     device: str = "cpu",
     seeds: int = 1,
+    body_from: str | Path | None = None,
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
     capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
     many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities; settings.decision
-    "tuned" fits the offsets of classify.tune_biases to those averaged probabilities on val). Val and test
-    probabilities go to OUT/probabilities/TASK.npz.
+    "tuned" fits the offsets of classify.tune_biases to those averaged probabilities on val; `body_from`, a
+    fine-tuned classifier folder, is the body every task's fine-tune starts from: classify.load_body). Val and
+    test probabilities go to OUT/probabilities/TASK.npz.
     mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
@@ -344,7 +354,9 @@ def run_tweeteval(
             classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
             members = [
                 fit(
-                    load_model(run, device),  # fine-tuning changes the model: a fresh copy per classifier
+                    _base(
+                        run, device, body_from
+                    ),  # fine-tuning changes the model: a fresh copy per classifier
                     train,
                     val,
                     replace(s, seed=s.seed + i, decision="argmax"),  # the ensemble decides, below
@@ -395,12 +407,16 @@ def run_tweeteval(
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
         "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''}"
+        + (", body from a fine-tuned classifier" if body_from is not None else "")
         + (", tuned decision)" if s.decision == "tuned" else ")")
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
+        "body_from": str(Path(body_from).resolve())
+        if body_from is not None and mode == "classifier"
+        else None,
         "settings": asdict(s) if mode == "classifier" else None,
         "tasks": per_task,
     }
