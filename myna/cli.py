@@ -445,6 +445,12 @@ def finetune_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--lr-head", type=float, help="finetune: peak learning rate of the fresh head (default 3e-3)"
     )
+    sp.add_argument(
+        "--body-from",
+        metavar="CLASSIFIER",
+        help="finetune: start from this fine-tuned classifier's body instead of the checkpoint's "
+        "(intermediate-task transfer; same shape and tokenizer)",
+    )
 
 
 def finetune_settings(args: argparse.Namespace) -> dict:

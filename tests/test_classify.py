@@ -299,10 +299,14 @@ def test_the_finetune_flags_of_classify_train_and_eval_reach_the_settings():
     parser = build_parser()
     args = parser.parse_args(["classify", "train", "--lr-body", "1e-3", "--lm-weight", "0.25"])
     s = ClassifySettings(mode=args.mode, **finetune_settings(args))
+    assert args.body_from is None
     assert (s.lr_body, s.lm_weight, s.lr_head, s.decision) == (1e-3, 0.25, ClassifySettings.lr_head, "argmax")
-    args = parser.parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0", "--decision", "tuned"])
+    args = parser.parse_args(
+        ["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0", "--decision", "tuned", "--body-from", "clf"]
+    )
     s = ClassifySettings(**finetune_settings(args))
     assert (s.lr_head, s.lm_weight, s.lr_body, s.decision) == (1e-2, 0.0, ClassifySettings.lr_body, "tuned")
+    assert args.body_from == "clf"
 
 
 def test_a_fine_tune_starts_from_another_classifiers_body_and_bad_folders_are_refused(
