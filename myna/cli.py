@@ -405,6 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shots=args.shots,
         tasks=tasks,
         seeds=args.seeds,
+        seed_choice=args.seed_choice,
         body_from=args.body_from,
         chat_prompts=args.chat_prompts,
         device=args.device,
@@ -645,7 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         default=1,
-        help="classifiers per task from consecutive seeds, probabilities averaged",
+        help="classifiers per task from consecutive seeds, probabilities averaged (or see --seed-choice)",
+    )
+    e.add_argument(
+        "--seed-choice",
+        choices=["average", "best"],
+        default="average",
+        help="with --seeds: average the classifiers' probabilities, or keep the one val scores highest (restarts)",
     )
     finetune_flags(e)
     e.add_argument(

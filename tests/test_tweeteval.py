@@ -13,6 +13,7 @@ from test_classify import tiny_run
 from myna.eval.classify import ClassifySettings
 from myna.eval.tweeteval import (
     PUBLISHED,
+    STANCE_TARGETS,
     TASKS,
     format_table,
     load_split,
@@ -221,3 +222,39 @@ def test_body_from_starts_every_task_from_a_fine_tuned_classifiers_body(tmp_path
     written = (out / "predictions" / "irony.txt").read_text().split()
     assert [int(p) for p in written] == expected.tolist()
     assert result["body_from"] == str((tmp_path / "hate").resolve()) and "body from" in result["mode"]
+
+
+def test_seed_choice_best_keeps_the_classifier_val_scores_highest(tmp_path_factory, tmp_path: Path):
+    from dataclasses import replace
+
+    from myna.eval.classify import decide, fit, predict_proba
+    from myna.runs import load_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tiny_run(tmp_path_factory.getbasetemp())
+        s = ClassifySettings(epochs=1, max_len=48)
+        result = run_tweeteval(
+            run, DATA, tmp_path, train_cap=80, settings=s, tasks=("stance",), seeds=2, seed_choice="best"
+        )
+        train, val = load_split(DATA, "stance", "train", 80), load_split(DATA, "stance", "val")
+        metric = lambda g, p: task_metric("stance", g, p)  # noqa: E731
+        members = [fit(load_model(run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
+        test = load_split(DATA, "stance", "test")
+        preds = [decide(predict_proba(m, test.texts)).tolist() for m in members]
+    finally:
+        torch.set_num_threads(n)
+    scores = [m.report["val_metric"] for m in members]
+    assert scores[0] != scores[1] and preds[0] != preds[1]  # the choice matters
+    best = scores.index(max(scores))
+    detail = result["tasks"]["stance"]
+    assert detail["chosen_seed"] == best and detail["val_metric"] == pytest.approx(scores[best])
+    written = [
+        int(p)
+        for target in STANCE_TARGETS
+        for p in (tmp_path / "predictions" / "stance" / f"{target}.txt").read_text().split()
+    ]
+    assert written == preds[best] and "best of 2 seeds on val" in result["mode"]
+    with pytest.raises(ValueError, match="seed_choice"):
+        run_tweeteval(run, DATA, tmp_path, tasks=("stance",), seed_choice="median")

@@ -312,6 +312,12 @@ def _base(run: str | Path, device: str, body_from: str | Path | None) -> Loaded:
     return base
 
 
+def _seeds_phrase(seeds: int, seed_choice: str) -> str:
+    if seeds == 1:
+        return ""
+    return f", best of {seeds} seeds on val" if seed_choice == "best" else f", {seeds} seeds"
+
+
 def run_tweeteval(
     run: str | Path,
     data_dir: str | Path,
@@ -325,12 +331,14 @@ def run_tweeteval(
     device: str = "cpu",
     seeds: int = 1,
     body_from: str | Path | None = None,
+    seed_choice: str = "average",
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
     capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
-    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities; settings.decision
+    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities, or with
+    seed_choice "best" keeps the one whose val metric is highest (random restarts, as BERT did on its small tasks); settings.decision
     "tuned" fits the offsets of classify.tune_biases to those averaged probabilities on val; `body_from`, a
     fine-tuned classifier folder, is the body every task's fine-tune starts from: classify.load_body). Val and
     test probabilities go to OUT/probabilities/TASK.npz.
@@ -340,6 +348,8 @@ def run_tweeteval(
     """
     if mode not in ("classifier", "lm"):
         raise ValueError(f"mode={mode!r}: expected 'classifier' or 'lm'")
+    if seed_choice not in ("average", "best"):
+        raise ValueError(f"seed_choice={seed_choice!r}: expected 'average' or 'best'")
     out = Path(out)
     per_task: dict[str, dict] = {}
     scores: dict[str, float] = {}
@@ -354,9 +364,8 @@ def run_tweeteval(
             classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
             members = [
                 fit(
-                    _base(
-                        run, device, body_from
-                    ),  # fine-tuning changes the model: a fresh copy per classifier
+                    # fine-tuning changes the model: a fresh copy per classifier
+                    _base(run, device, body_from),
                     train,
                     val,
                     replace(s, seed=s.seed + i, decision="argmax"),  # the ensemble decides, below
@@ -365,14 +374,22 @@ def run_tweeteval(
                 )
                 for i in range(seeds)
             ]
-            probs = sum(predict_proba(m, test.texts) for m in members) / seeds
-            val_probs = sum(m.val_probs for m in members) / seeds
             reports = [m.report for m in members]
+            chosen = members
+            if (
+                seeds > 1 and seed_choice == "best"
+            ):  # restarts: the one val scores highest (first among equals)
+                best = max(range(seeds), key=lambda i: reports[i]["val_metric"])
+                chosen = [members[best]]
+            probs = sum(predict_proba(m, test.texts) for m in chosen) / len(chosen)
+            val_probs = sum(m.val_probs for m in chosen) / len(chosen)
             detail = {"train_rows": len(train.texts)}
             detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
-            detail |= {k: reports[0][k] for k in ("val_ece_before", "val_ece_after")}
+            detail |= {k: chosen[0].report[k] for k in ("val_ece_before", "val_ece_after")}
             if seeds > 1:
                 detail["val_metric_members"] = [r["val_metric"] for r in reports]
+                if seed_choice == "best":
+                    detail["chosen_seed"] = s.seed + best
 
             def on_ids(g: list[int], p: list[int], task=task, classes=classes) -> float:  # on class indices
                 return task_metric(task, [classes[i] for i in g], [classes[i] for i in p])
@@ -406,7 +423,7 @@ def run_tweeteval(
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
-        "mode": f"classifier ({s.mode}{f', {seeds} seeds' if seeds > 1 else ''}"
+        "mode": f"classifier ({s.mode}{_seeds_phrase(seeds, seed_choice)}"
         + (", body from a fine-tuned classifier" if body_from is not None else "")
         + (", tuned decision)" if s.decision == "tuned" else ")")
         if mode == "classifier"
@@ -414,6 +431,7 @@ def run_tweeteval(
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
+        "seed_choice": seed_choice if mode == "classifier" else None,
         "body_from": str(Path(body_from).resolve())
         if body_from is not None and mode == "classifier"
         else None,
