@@ -60,3 +60,12 @@ def run_dir(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     yield tiny_run(tmp_path_factory.getbasetemp())
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the two cores are shared, and a tiny model gains nothing from a second."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_classify import tiny_run
 
 from myna.eval.classify import ClassifySettings
@@ -26,6 +25,8 @@ from myna.eval.tweeteval import (
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "tweeteval"
+
+
 ROBRT = DATA / "reference_predictions_robrt"
 
 
@@ -104,15 +105,10 @@ def test_table_marks_sentiment_as_approx_train():
 
 @pytest.mark.parametrize("shots", [0, 2])
 def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: int):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = tiny_run(tmp_path_factory.getbasetemp())
-        result = run_tweeteval(
-            run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
-        )
-    finally:
-        torch.set_num_threads(n)
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    result = run_tweeteval(
+        run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
+    )
     assert set(result["scores"]) == {"irony", "sentiment"}
     assert all(0.0 <= v <= 100.0 for v in result["scores"].values())
     assert result["notes"] == {} and result["tasks"]["irony"]["test_rows"] == 40  # zero-shot: no train data
@@ -122,16 +118,11 @@ def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: i
 def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(tmp_path_factory, tmp_path: Path):
     # emoji's first 60 train rows lack some of its 20 classes, which its val set has
     assert len(set(load_split(DATA, "emoji", "train", 60).labels)) < 20
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = tiny_run(tmp_path_factory.getbasetemp())
-        settings = ClassifySettings(mode="probe", probe_epochs=20)
-        result = run_tweeteval(
-            run, DATA, tmp_path, train_cap=60, test_cap=40, settings=settings, tasks=("emoji",)
-        )
-    finally:
-        torch.set_num_threads(n)
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    settings = ClassifySettings(mode="probe", probe_epochs=20)
+    result = run_tweeteval(
+        run, DATA, tmp_path, train_cap=60, test_cap=40, settings=settings, tasks=("emoji",)
+    )
     assert 0.0 <= result["scores"]["emoji"] <= 100.0
 
 
@@ -159,26 +150,23 @@ def test_the_cli_scores_a_predictions_folder_without_marking_it():
     assert "approx. train" not in row  # upstream's model trained on the real sentiment train split
 
 
-def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_factory, tmp_path: Path):
+def test_seeds_average_the_probabilities_of_classifiers_trained_apart(
+    one_thread, tmp_path_factory, tmp_path: Path
+):
     from dataclasses import replace
 
     from myna.eval.classify import decide, fit, predict_proba
     from myna.runs import load_model
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = tiny_run(tmp_path_factory.getbasetemp())
-        s = ClassifySettings(epochs=1, max_len=48, decision="tuned")
-        result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
-        train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
-        test = load_split(DATA, "irony", "test")
-        metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
-        members = [fit(load_model(run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)]
-        probs = [predict_proba(m, test.texts) for m in members]
-        val_probs = [predict_proba(m, val.texts) for m in members]
-    finally:
-        torch.set_num_threads(n)
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    s = ClassifySettings(epochs=1, max_len=48, decision="tuned")
+    result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
+    train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
+    test = load_split(DATA, "irony", "test")
+    metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
+    members = [fit(load_model(run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)]
+    probs = [predict_proba(m, test.texts) for m in members]
+    val_probs = [predict_proba(m, val.texts) for m in members]
     # each member is the classifier its seed trains alone; the written predictions are their averaged
     # probabilities' argmax after the offsets tuned on val, and the averaged probabilities are saved beside them
     detail = result["tasks"]["irony"]
@@ -195,56 +183,50 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(tmp_path_f
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]
 
 
-def test_body_from_starts_every_task_from_a_fine_tuned_classifiers_body(tmp_path_factory, tmp_path: Path):
+def test_body_from_starts_every_task_from_a_fine_tuned_classifiers_body(
+    one_thread, tmp_path_factory, tmp_path: Path
+):
     from myna.eval.classify import decide, fit, load_body, predict_proba, save
     from myna.runs import load_model
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = tiny_run(tmp_path_factory.getbasetemp())
-        s = ClassifySettings(epochs=1, max_len=48)
-        train, val = load_split(DATA, "hate", "train", 80), load_split(DATA, "hate", "val")
-        metric = lambda g, p: task_metric("hate", g, p)  # noqa: E731
-        save(fit(load_model(run), train, val, s, metric, [0, 1]), tmp_path / "hate")
-        out = tmp_path / "eval"
-        result = run_tweeteval(
-            run, DATA, out, train_cap=80, settings=s, tasks=("irony",), body_from=tmp_path / "hate"
-        )
-        # the same fit by hand, from the hate classifier's body
-        base = load_model(run)
-        load_body(tmp_path / "hate", base)
-        train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
-        by_hand = fit(base, train, val, s, lambda g, p: task_metric("irony", g, p), [0, 1])
-        expected = decide(predict_proba(by_hand, load_split(DATA, "irony", "test").texts))
-    finally:
-        torch.set_num_threads(n)
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    s = ClassifySettings(epochs=1, max_len=48)
+    train, val = load_split(DATA, "hate", "train", 80), load_split(DATA, "hate", "val")
+    metric = lambda g, p: task_metric("hate", g, p)  # noqa: E731
+    save(fit(load_model(run), train, val, s, metric, [0, 1]), tmp_path / "hate")
+    out = tmp_path / "eval"
+    result = run_tweeteval(
+        run, DATA, out, train_cap=80, settings=s, tasks=("irony",), body_from=tmp_path / "hate"
+    )
+    # the same fit by hand, from the hate classifier's body
+    base = load_model(run)
+    load_body(tmp_path / "hate", base)
+    train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
+    by_hand = fit(base, train, val, s, lambda g, p: task_metric("irony", g, p), [0, 1])
+    expected = decide(predict_proba(by_hand, load_split(DATA, "irony", "test").texts))
     written = (out / "predictions" / "irony.txt").read_text().split()
     assert [int(p) for p in written] == expected.tolist()
     assert result["body_from"] == str((tmp_path / "hate").resolve()) and "body from" in result["mode"]
 
 
-def test_seed_choice_best_keeps_the_classifier_val_scores_highest(tmp_path_factory, tmp_path: Path):
+def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
+    one_thread, tmp_path_factory, tmp_path: Path
+):
     from dataclasses import replace
 
     from myna.eval.classify import decide, fit, predict_proba
     from myna.runs import load_model
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = tiny_run(tmp_path_factory.getbasetemp())
-        s = ClassifySettings(epochs=1, max_len=48)
-        result = run_tweeteval(
-            run, DATA, tmp_path, train_cap=80, settings=s, tasks=("stance",), seeds=2, seed_choice="best"
-        )
-        train, val = load_split(DATA, "stance", "train", 80), load_split(DATA, "stance", "val")
-        metric = lambda g, p: task_metric("stance", g, p)  # noqa: E731
-        members = [fit(load_model(run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
-        test = load_split(DATA, "stance", "test")
-        preds = [decide(predict_proba(m, test.texts)).tolist() for m in members]
-    finally:
-        torch.set_num_threads(n)
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    s = ClassifySettings(epochs=1, max_len=48)
+    result = run_tweeteval(
+        run, DATA, tmp_path, train_cap=80, settings=s, tasks=("stance",), seeds=2, seed_choice="best"
+    )
+    train, val = load_split(DATA, "stance", "train", 80), load_split(DATA, "stance", "val")
+    metric = lambda g, p: task_metric("stance", g, p)  # noqa: E731
+    members = [fit(load_model(run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
+    test = load_split(DATA, "stance", "test")
+    preds = [decide(predict_proba(m, test.texts)).tolist() for m in members]
     scores = [m.report["val_metric"] for m in members]
     assert scores[0] != scores[1] and preds[0] != preds[1]  # the choice matters
     best = scores.index(max(scores))
