@@ -336,12 +336,12 @@ def run_tweeteval(
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
-    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test; `seeds` > 1 trains that
-    many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated probabilities, or with
-    seed_choice "best" keeps the one whose val metric is highest (random restarts, as BERT did on its small tasks); settings.decision
-    "tuned" fits the offsets of classify.tune_biases to those averaged probabilities on val; `body_from`, a
-    fine-tuned classifier folder, is the body every task's fine-tune starts from: classify.load_body). Val and
-    test probabilities go to OUT/probabilities/TASK.npz.
+    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test). Each fine-tune starts from
+    the run's model, or from the body of the fine-tuned classifier folder `body_from` (classify.load_body). `seeds`
+    > 1 trains that many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated
+    probabilities, or with seed_choice "best" keeps the one whose val metric is highest (random restarts, as BERT
+    did on its small tasks); settings.decision "tuned" fits the offsets of classify.tune_biases to the resulting
+    probabilities on val. Val and test probabilities go to OUT/probabilities/TASK.npz.
     mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
@@ -376,9 +376,8 @@ def run_tweeteval(
             ]
             reports = [m.report for m in members]
             chosen = members
-            if (
-                seeds > 1 and seed_choice == "best"
-            ):  # restarts: the one val scores highest (first among equals)
+            # restarts: the one val scores highest (the first among equals)
+            if seeds > 1 and seed_choice == "best":
                 best = max(range(seeds), key=lambda i: reports[i]["val_metric"])
                 chosen = [members[best]]
             probs = sum(predict_proba(m, test.texts) for m in chosen) / len(chosen)
