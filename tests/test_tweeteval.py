@@ -25,8 +25,6 @@ from myna.eval.tweeteval import (
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "tweeteval"
-
-
 ROBRT = DATA / "reference_predictions_robrt"
 
 
@@ -104,7 +102,7 @@ def test_table_marks_sentiment_as_approx_train():
 
 
 @pytest.mark.parametrize("shots", [0, 2])
-def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: int):
+def test_lm_label_scoring_on_a_subset(one_thread, tmp_path_factory, tmp_path: Path, shots: int):
     run = tiny_run(tmp_path_factory.getbasetemp())
     result = run_tweeteval(
         run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
@@ -115,7 +113,9 @@ def test_lm_label_scoring_on_a_subset(tmp_path_factory, tmp_path: Path, shots: i
     assert (tmp_path / "result.json").is_file()
 
 
-def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(tmp_path_factory, tmp_path: Path):
+def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(
+    one_thread, tmp_path_factory, tmp_path: Path
+):
     # emoji's first 60 train rows lack some of its 20 classes, which its val set has
     assert len(set(load_split(DATA, "emoji", "train", 60).labels)) < 20
     run = tiny_run(tmp_path_factory.getbasetemp())
