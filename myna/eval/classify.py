@@ -704,6 +704,14 @@ def load_body(model_dir: str | Path, base: Loaded) -> None:
     _read_body(model_dir, base.model)
 
 
+def load_base(ckpt: str | Path, device: str = "cpu", body_from: str | Path | None = None) -> Loaded:
+    """The model a classifier starts from: the checkpoint's, with the body of classifier `body_from` if given."""
+    base = load_model(ckpt, device)
+    if body_from is not None:
+        load_body(body_from, base)
+    return base
+
+
 def predict_proba(trained: Trained, texts: Sequence[str]) -> np.ndarray:
     """Calibrated class probabilities [N, K] (columns in trained.labels order)."""
     seqs = encode(trained.tokenizer, texts, min(trained.settings.max_len, trained.model.body.cfg.max_seq_len))
@@ -723,10 +731,7 @@ def train_classifier(
     """`myna classify train`: files in, classifier folder out; returns the training report. `body_from`: a
     fine-tuned classifier folder whose body (not the checkpoint's) the fine-tune starts from (load_body)."""
     train_ex, val_ex = read_examples(train), read_examples(val)
-    base = load_model(ckpt, device)
-    if body_from is not None:
-        load_body(body_from, base)
-    trained = fit(base, train_ex, val_ex, settings)
+    trained = fit(load_base(ckpt, device, body_from), train_ex, val_ex, settings)
     if body_from is not None:
         trained.report["body_from"] = str(Path(body_from).resolve())
     save(trained, out)

@@ -31,13 +31,13 @@ from myna.eval.classify import (
     class_scores,
     decide,
     fit,
-    load_body,
+    load_base,
     predict_proba,
     tune_biases,
 )
 from myna.io import atomic_write, open_binary
 from myna.progress import Progress, log
-from myna.runs import Loaded, load_model
+from myna.runs import load_model
 
 TASKS = ("emoji", "emotion", "hate", "irony", "offensive", "sentiment", "stance")
 STANCE_TARGETS = ("abortion", "atheism", "climate", "feminist", "hillary")
@@ -305,13 +305,6 @@ def _few_shot_prefix(train: Examples, task: str, shots: int, rng: random.Random)
 # Runs on all seven tasks
 
 
-def _base(run: str | Path, device: str, body_from: str | Path | None) -> Loaded:
-    base = load_model(run, device)
-    if body_from is not None:
-        load_body(body_from, base)
-    return base
-
-
 def _seeds_phrase(seeds: int, seed_choice: str) -> str:
     if seeds == 1:
         return ""
@@ -365,7 +358,7 @@ def run_tweeteval(
             members = [
                 fit(
                     # fine-tuning changes the model: a fresh copy per classifier
-                    _base(run, device, body_from),
+                    load_base(run, device, body_from),
                     train,
                     val,
                     replace(s, seed=s.seed + i, decision="argmax"),  # the ensemble decides, below
