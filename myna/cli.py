@@ -413,6 +413,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print(format_eval(result), highlight=False, markup=False)
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> None:
+    from myna.runs import convert_checkpoint
+
+    if not args.trust_checkpoint:
+        raise ValueError(
+            "converting unpickles the checkpoint's old files, which can run any code they hold; "
+            "pass --trust-checkpoint if you trust whoever wrote it"
+        )
+    log(f"converted to safetensors: {convert_checkpoint(args.path)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from myna.eval.report import write_report
 
@@ -529,6 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(s)
     s.set_defaults(fn=cmd_speedrun)
 
+    def resume_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--resume",
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="STEP_DIR",
+            help="continue from the newest checkpoint in --out, or from the one named (step_00000200)",
+        )
+
     t = sub.add_parser("pretrain", help="train a GPT on token shards (run under torchrun for several GPUs)")
     t.add_argument("--data", required=True, help="data directory from `myna data prepare`")
     t.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints")
@@ -537,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     t.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    resume_flag(t)
     t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.set_defaults(fn=cmd_pretrain)
@@ -547,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True, help=data_help)
         sp.add_argument("--out", required=True, help="run directory for the tuned model")
         sp.add_argument("--steps", type=int, help="optimizer steps (default: scaled to the data)")
-        sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        resume_flag(sp)
         sp.add_argument(
             "--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism"
         )
@@ -666,6 +687,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     e.set_defaults(fn=cmd_eval)
 
+    ck = sub.add_parser("checkpoint", help="checkpoint upkeep: convert one from the old pickle format")
+    ck.add_argument("action", choices=["convert"])
+    ck.add_argument("path", help="run directory (its newest checkpoint) or one step_N checkpoint folder")
+    ck.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="required: converting unpickles the old files, which can run code; only for checkpoints you trust",
+    )
+    ck.set_defaults(fn=cmd_checkpoint)
+
     r = sub.add_parser(
         "report", help="write RUN/report.md: config, data funnel, curves, eval tables, samples"
     )
@@ -678,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad input, named in one line; anything else is a bug: a traceback
         sys.exit(f"myna {args.verb}: error: {e}")
 
 

@@ -10,7 +10,22 @@ with N data-parallel ranks the global batch is N times that (the trainer may div
 """
 
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+# The largest value of each shape setting Myna builds: far past any model it trains, small enough that a typo or
+# a hostile config.json fails here, in a line, instead of allocating for minutes.
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "n_embd": 1 << 16,
+    "mlp_hidden": 1 << 18,
+    "max_seq_len": 1 << 20,
+}
 
 
 @dataclass
@@ -28,6 +43,18 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in LIMITS:
+                if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[f.name]:
+                    raise ValueError(f"{f.name}={value!r}: expected an integer from 1 to {LIMITS[f.name]:,}")
+            elif f.type is bool or f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}={value!r}: expected true or false")
+            elif not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{f.name}={value!r}: expected a positive finite number")
+        if self.norm_eps >= 1:
+            raise ValueError(f"norm_eps={self.norm_eps}: expected a small positive number, below 1")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -47,6 +74,39 @@ class ModelConfig:
         emb = self.vocab_size * c
         head = 0 if self.tie_embeddings else self.vocab_size * c
         return self.n_layer * block + c + head + (0 if exclude_embeddings else emb)
+
+    def weight_bytes(self) -> int:
+        """Memory of the built model in fp32: its parameters and its two RoPE tables."""
+        return 4 * (self.num_params() + self.max_seq_len * self.head_dim)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate (RAM for the CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits(cfg: ModelConfig, device: str | torch.device, bytes_per_weight: float = 4) -> None:
+    """Refuse, before building anything, a model whose weights (and, training, gradients and optimizer state:
+    bytes_per_weight 16 with AdamW in fp32) cannot fit in what the device has free."""
+    device = torch.device(device)
+    need = cfg.weight_bytes() / 4 * bytes_per_weight
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"a model of {cfg.num_params():,} parameters ({cfg.n_layer} layers x {cfg.n_embd} wide, context "
+            f"{cfg.max_seq_len:,}) needs {need / 2**30:,.1f} GiB; {device} has {free / 2**30:,.1f} GiB free"
+        )
 
 
 @dataclass

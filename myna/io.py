@@ -3,6 +3,7 @@
 import contextlib
 import gzip
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -83,3 +84,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path, max_bytes: int = 1 << 20) -> dict:
+    """A JSON object from a file a user handed over: bounded in size, and every failure names the file."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"{path}: over {max_bytes:,} bytes; not a file Myna wrote")
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -5,18 +5,18 @@ eval, a later SFT or DPO) loads it through `load_model`, from the run folder (it
 checkpoint folder inside it.
 """
 
-import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from myna.config import ModelConfig
-from myna.io import atomic_path
+from myna.config import ModelConfig, TrainConfig, check_fits
+from myna.io import atomic_path, read_json
 from myna.model import GPT
 from myna.tokenizer import Tokenizer
 from myna.train import checkpoint
+from myna.train.optim import build_optimizer
 
 
 @dataclass
@@ -41,7 +41,30 @@ def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; not a run directory")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
+
+
+def model_config(values: object, where: str) -> ModelConfig:
+    """A ModelConfig from a JSON object read from disk; `where` (file and section) prefixes every error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object of model settings")
+    known = {f.name for f in fields(ModelConfig)}
+    if unknown := sorted(set(values) - known):
+        raise ValueError(f"{where}: unknown settings {unknown}; expected some of {sorted(known)}")
+    try:
+        return ModelConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", where: str = "model") -> GPT:
+    """GPT(cfg) on `device`, once its weights are known to fit there (`where` names the config in the error)."""
+    try:
+        check_fits(cfg, device)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    with torch.device(device):
+        return GPT(cfg)
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:
@@ -62,17 +85,26 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """The model and tokenizer of a run (or of one of its checkpoints), ready for inference."""
     run_dir, ckpt = resolve(path)
-    model_cfg = read_config(run_dir).get("model")
-    if not isinstance(model_cfg, dict):
-        raise ValueError(f"{run_dir}/config.json: no 'model' section")
-    cfg = ModelConfig(**model_cfg)
+    cfg = model_config(read_config(run_dir).get("model"), f"{run_dir}/config.json: 'model'")
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path}: the run has no tokenizer")
     tokenizer = Tokenizer.from_file(tok_path)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{tok_path}: vocab {tokenizer.vocab_size} but the model has {cfg.vocab_size}")
-    with torch.device(device):
-        model = GPT(cfg)
+    model = build_model(cfg, device, f"{run_dir}/config.json")
     state = checkpoint.load(ckpt, model)
     return Loaded(model.eval(), tokenizer, cfg, run_dir, ckpt, state["step"])
+
+
+def convert_checkpoint(path: str | Path) -> Path:
+    """`myna checkpoint convert`: a pickled checkpoint of a run rewritten as safetensors (it unpickles: trusted
+    checkpoints only). The model and optimizer come from the run's config.json."""
+    run_dir, ckpt = resolve(path)
+    config = read_config(run_dir)
+    cfg = model_config(config.get("model"), f"{run_dir}/config.json: 'model'")
+    train = config.get("train", {})
+    if not isinstance(train, dict) or set(train) - {f.name for f in fields(TrainConfig)}:
+        raise ValueError(f"{run_dir}/config.json: 'train' is not a set of TrainConfig settings")
+    model = build_model(cfg, where=f"{run_dir}/config.json")
+    return checkpoint.convert_legacy(ckpt, model, build_optimizer(model, TrainConfig(**train)))

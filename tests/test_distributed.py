@@ -3,6 +3,7 @@ batch, and a sharded FSDP checkpoint loads into a plain model in a process with 
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_two_ranks_match_one_process(runs: dict[str, Path], parallel: str):
 def test_fsdp_checkpoint_loads_in_one_plain_process(runs: dict[str, Path], sample_data: Path):  # noqa: F811
     ckpt = checkpoint.latest(runs["fsdp"])
     assert (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()  # really sharded
+    assert sorted(p.suffix for p in (ckpt / "dcp").iterdir()) == [".safetensors"] * 2  # one a rank, no pickle
     state = checkpoint.read_state(ckpt)
     assert state["step"] == STEPS and len(state["loader"]) == 2 and len(state["rng"]) == 2
 
@@ -124,8 +126,6 @@ def test_fsdp_checkpoint_loads_in_one_plain_process(runs: dict[str, Path], sampl
 
 
 def test_fsdp_run_resumes_in_one_process(runs: dict[str, Path], sample_data: Path, tmp_path: Path):  # noqa: F811
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(runs["fsdp"], run)
     n = torch.get_num_threads()
@@ -146,3 +146,24 @@ def test_fsdp_run_resumes_in_one_process(runs: dict[str, Path], sample_data: Pat
     assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 3))
     assert (checkpoint.latest(run) / "model.safetensors").exists()
     assert os.path.isdir(run / "checkpoints" / f"step_{STEPS:08d}" / "dcp")
+
+
+def test_fsdp_checkpoint_with_a_missing_or_damaged_shard_is_refused(runs: dict[str, Path], tmp_path: Path):
+    ckpt = Path(shutil.copytree(checkpoint.latest(runs["fsdp"]), tmp_path / "step"))
+    first, second = sorted((ckpt / "dcp").iterdir())
+    intact = second.read_bytes()
+    model = GPT(preset("tiny", vocab_size=512)[0])
+    second.write_bytes(intact[:-100])
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable shard headers"):
+        checkpoint.load(ckpt, model)
+    second.unlink()  # rank 1's half of every tensor is gone
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"dcp: does not match the model: model\.blocks\.0\.attn\.k\.weight is \[16, 64\] torch\.float32, "
+        r"the model needs \[32, 64\]",
+    ):
+        checkpoint.load(ckpt, model)
+    second.write_bytes(intact)
+    first.unlink()  # rank 0's half: the full shapes are still known, half of every tensor is not
+    with pytest.raises(checkpoint.CheckpointError, match="is incomplete; a shard file is missing"):
+        checkpoint.load(ckpt, model)

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from myna.config import ModelConfig
-from myna.io import atomic_dir, atomic_write, open_binary
+from myna.io import atomic_dir, atomic_write, open_binary, read_json
 from myna.model import GPT
 from myna.progress import Progress, log
-from myna.runs import Loaded, load_model
+from myna.runs import Loaded, build_model, load_model, model_config
 from myna.tokenizer import Tokenizer
+from myna.train.checkpoint import read_tensors, specs
 
 Label = str | int
 _INT = re.compile(r"-?\d+")
@@ -642,25 +642,37 @@ def _read_config(model_dir: Path) -> dict:
     cfg_path = model_dir / "classifier.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a classifier folder (no classifier.json)")
-    return json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = read_json(cfg_path)
+    missing = [k for k in ("labels", "temperature", "base", "settings", "report") if k not in config]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing {missing}")
+    labels, temperature = config["labels"], config["temperature"]
+    if not isinstance(labels, list) or len(labels) < 2 or len(set(map(str, labels))) != len(labels):
+        raise ValueError(f"{cfg_path}: 'labels' must be a list of at least two distinct labels")
+    if not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+        raise ValueError(f"{cfg_path}: 'temperature' must be a positive number, got {temperature!r}")
+    try:
+        config["settings"] = ClassifySettings(**config["settings"])
+    except TypeError as e:
+        raise ValueError(f"{cfg_path}: 'settings': {e}") from None
+    return config
 
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """A classifier folder written by `save`, ready to predict."""
+    """A classifier folder written by `save`, ready to predict; every file is checked before it is used."""
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
-    # a folder from before the `decision` setting existed has none: it gets the default, argmax
-    settings = ClassifySettings(**config["settings"])
+    settings = config["settings"]
     if settings.mode == "probe":
         base = load_model(config["base"], device)
         body, tok = base.model, base.tokenizer
     else:
-        with torch.device(device):
-            body = GPT(ModelConfig(**config["model"]))
+        where = f"{model_dir}/classifier.json"
+        body = build_model(model_config(config.get("model"), f"{where}: 'model'"), device, where)
         _read_body(model_dir, body)
         tok = Tokenizer.from_file(model_dir / "tokenizer.json")
     model = Classifier(body, len(config["labels"]), settings.pooling).to(device)
-    model.head.load_state_dict(load_file(str(model_dir / "head.safetensors"), device=str(device)))
+    model.head.load_state_dict(read_tensors(model_dir / "head.safetensors", specs(model.head.state_dict())))
     return Trained(
         model.eval(),
         tok,
@@ -669,20 +681,14 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
         config["temperature"],
         config["base"],
         config["report"],
-        config.get("biases"),
+        config.get("biases"),  # a folder from before the `decision` setting has none: argmax
     )
 
 
 def _read_body(model_dir: Path, body: GPT) -> None:
-    state = load_file(str(model_dir / "body.safetensors"), device=str(body.tok_emb.weight.device))
-    try:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape
-        raise ValueError(f"{model_dir}/body.safetensors: does not match the model: {e}") from None
-    if unexpected or any(not k.startswith("lm_head.") for k in missing):
-        raise ValueError(
-            f"{model_dir}/body.safetensors: does not match the model (missing {missing}, unexpected {unexpected})"
-        )
+    # lm_head is not stored: tied to tok_emb, or unused by a classifier
+    expected = {k: v for k, v in body.state_dict().items() if not k.startswith("lm_head.")}
+    body.load_state_dict(read_tensors(model_dir / "body.safetensors", specs(expected)), strict=False)
 
 
 def load_body(model_dir: str | Path, base: Loaded) -> None:
@@ -694,7 +700,7 @@ def load_body(model_dir: str | Path, base: Loaded) -> None:
     """
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
-    if config["settings"]["mode"] != "finetune":
+    if config["settings"].mode != "finetune":
         raise ValueError(f"{model_dir}: a probe has no fine-tuned body; train it with --mode finetune")
     if config["model"] != asdict(base.config):
         raise ValueError(f"{model_dir}: its body has shape {config['model']}, the base {asdict(base.config)}")

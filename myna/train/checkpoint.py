@@ -1,10 +1,16 @@
-"""Checkpoints: RUN/checkpoints/step_{N:08d}/, written whole or not at all.
+"""Checkpoints: RUN/checkpoints/step_{N:08d}/, written whole or not at all, read without unpickling anything.
 
-A checkpoint holds the model, the optimizer and state.json (step, config, data position, RNG states). Without
-FSDP rank 0 writes model.safetensors (tied weights stored once, their other names kept in the metadata) and
-optimizer.pt (the optimizer state keyed by parameter name, torch.save'd, loaded with weights_only=True). Under
-FSDP every rank writes its shards into dcp/ with torch.distributed.checkpoint, which can load them back into any
+A checkpoint holds the model, the optimizer and state.json (step, config, data position, RNG states, and the
+optimizer's settings). Every tensor is stored as safetensors: raw numbers behind a JSON header, so loading a
+checkpoint never runs code, whoever wrote it. Without FSDP rank 0 writes model.safetensors (tied weights stored
+once, their other names kept in the metadata) and optimizer.safetensors. Under FSDP every rank writes its own
+shards into dcp/ through torch distributed checkpoint's safetensors writer, which loads them back into any
 layout: another world size, or one plain process with no process group at all.
+
+Every load checks the files against the model before it trusts them: exactly the model's tensors (names, shapes,
+dtypes), every shard present, every value finite. Anything else raises CheckpointError naming the file and what
+is wrong. Checkpoints from before this format (optimizer.pt, dcp/.metadata) are pickles: they are refused, and
+`convert_legacy` rewrites one whose author the user trusts.
 
 Atomicity: everything is written into a hidden temp folder next to the final one, fsynced, and renamed into
 place once state.json (written last) is in it; a folder named step_* is therefore always complete, and a crash
@@ -13,6 +19,7 @@ they are deleted, so a half-deleted one never carries a step_* name either.
 """
 
 import json
+import math
 import os
 import random
 import re
@@ -23,17 +30,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
-from myna.train.distributed import Dist
+from myna.io import read_json
+from myna.train.distributed import Dist, unwrap
+
+MAX_STATE_BYTES = 256 << 20  # state.json: loader positions and RNG states of every rank, a few KB each
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -84,6 +102,49 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The flat, tensor-only form both layouts store
+
+
+def _ties(model: nn.Module) -> dict[str, str]:
+    """{other name: first name} of parameters shared under two names (tied embeddings): stored once."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _flat_optimizer(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's tensors named PARAM/KEY, and the rest (param groups, non-tensor state) for state.json."""
+    tensors, other = {}, {}
+    for param, entries in optim_sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{key}"] = value
+            else:
+                other.setdefault(param, {})[key] = value
+    return tensors, {"param_groups": optim_sd["param_groups"], "state": other}
+
+
+def _nested_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for name, t in tensors.items():
+        param, key = name.rsplit("/", 1)
+        state.setdefault(param, {})[key] = t
+    for param, entries in meta["state"].items():
+        state.setdefault(param, {}).update(entries)
+    # JSON turned tuples (AdamW's betas) into lists; "params" is the one list
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -95,24 +156,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata=metadata)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses tensors that share memory: store each once and name its aliases in the metadata."""
-    first: dict[tuple, str] = {}
-    tensors, aliases = {}, {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            tensors[name] = t.detach().cpu().contiguous()
-    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
-    _fsync_file(path)
 
 
 def _retire(path: Path) -> None:
@@ -139,20 +186,22 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
+    aliases = _ties(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd = {k: v for k, v in model_sd.items() if k not in aliases}
+    optim_tensors, optim_meta = _flat_optimizer(optim_sd)
     if dist.parallel == "fsdp":
-        import torch.distributed.checkpoint as dcp
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
+        flat = {f"model.{k}": v for k, v in model_sd.items()} | {
+            f"optim.{k}": v for k, v in optim_tensors.items()
+        }
+        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "dcp"), save_distributed=True))
     elif dist.is_main:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        _save_safetensors(model_sd, tmp / "model.safetensors")
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        _fsync_file(tmp / "optimizer.pt")
+        _save_safetensors(model_sd, tmp / "model.safetensors", {"aliases": json.dumps(aliases)})
+        _save_safetensors(optim_tensors, tmp / "optimizer.safetensors", {})
     dist.barrier()
     if dist.is_main:
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump({"step": step, **state}, f)
+            json.dump({"step": step, **state, "optimizer": optim_meta}, f)
             f.flush()
             os.fsync(f.fileno())
         if dist.parallel == "fsdp":
@@ -169,20 +218,140 @@ def save(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading
+# Reading: check everything against the model first, then load
 
 
 def read_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    """state.json of a checkpoint folder: a JSON object with a non-negative integer step."""
+    file = Path(path) / "state.json"
+    try:
+        state = read_json(file, MAX_STATE_BYTES)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{file}: 'step' must be a non-negative integer, got {step!r}")
+    return state
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for name, source in aliases.items():
-        tensors[name] = tensors[source]
+def _refuse_pickles(path: Path, with_optimizer: bool) -> None:
+    legacy = path / "dcp" / ".metadata"
+    if not legacy.exists() and with_optimizer and not (path / "optimizer.safetensors").exists():
+        legacy = path / "optimizer.pt"
+    if legacy.exists():
+        raise CheckpointError(
+            f"{legacy}: a pickle (the checkpoint format before safetensors), and unpickling a file can run any "
+            f"code, so Myna never does it on load. If you trust whoever wrote it, convert it once: "
+            f"myna checkpoint convert {path} --trust-checkpoint"
+        )
+
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+def specs(tensors: dict[str, torch.Tensor]) -> dict[str, Spec]:
+    """(shape, dtype) of each tensor: what read_tensors expects to find."""
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}  # a DTensor's shape is the global one
+
+
+def _check_names(found: dict[str, Spec], expected: dict[str, Spec], where: str) -> None:
+    """Exactly the expected tensors, each with the expected shape and dtype; the error names the differences."""
+
+    def some(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    problems = []
+    if missing := expected.keys() - found.keys():
+        problems.append(f"missing {some(missing)}")
+    if extra := found.keys() - expected.keys():
+        problems.append(f"unexpected {some(extra)}")
+    for name in sorted(expected.keys() & found.keys()):
+        if found[name] != expected[name]:
+            (fs, fd), (es, ed) = found[name], expected[name]
+            problems.append(f"{name} is {list(fs)} {fd}, the model needs {list(es)} {ed}")
+    if problems:
+        raise CheckpointError(f"{where}: does not match the model: " + "; ".join(problems[:6]))
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    bad = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point()
+        and not bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all())
+    ]
+    count = len(bad)
+    if torch.distributed.is_initialized():  # a NaN in one rank's shard stops every rank, not just that one
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([count], device=device)
+        torch.distributed.all_reduce(flag)
+        count = int(flag.item())
+    if count:
+        raise CheckpointError(
+            f"{where}: NaN or infinite values in {', '.join(bad[:5]) or 'another rank shard'}"
+        )
+
+
+def read_tensors(file: Path, expected: dict[str, Spec]) -> dict[str, torch.Tensor]:
+    """A safetensors file holding exactly `expected`, finite; its header is checked before any data is read."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = {}
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                sl = f.get_slice(name)
+                found[name] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype()))
+            _check_names(found, expected, str(file))
+            tensors = {name: f.get_tensor(name) for name in found}
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{file}: not a complete safetensors file ({e}); it is truncated or damaged"
+        ) from None
+    _check_finite(tensors, str(file))
     return tensors
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_sharded(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (flat names, any layout) from dcp/: the shards' headers are checked against them first."""
+    reader = dcp.HuggingFaceStorageReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: unreadable shard headers ({e}); a shard is truncated or damaged"
+        ) from None
+    found = {}
+    for name, md in metadata.state_dict_metadata.items():
+        chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks}
+        if sum(math.prod(size) for _, size in chunks) != math.prod(md.size):
+            raise CheckpointError(f"{path}: {name} is incomplete; a shard file is missing")
+        found[name] = (tuple(md.size), md.properties.dtype)
+    # a model-only load (inference) reads the model's tensors and leaves the optimizer's
+    sections = {name.split(".", 1)[0] for name in targets}
+    wanted = {k: v for k, v in found.items() if k.split(".", 1)[0] in sections}
+    _check_names(wanted, specs(targets), str(path))
+    with warnings.catch_warnings():  # loading without a process group is intended: one plain process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(targets, storage_reader=reader)
+    _check_finite(targets, str(path))
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -192,26 +361,98 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     a plain one is loaded as full state dicts and sliced by set_state_dict where `model` is sharded.
     """
     path = Path(path)
+    state = read_state(path)
+    _refuse_pickles(path, optimizer is not None)
+    aliases = _ties(model)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # fills a fresh optimizer's state to load into
+        optim_tensors, _ = _flat_optimizer(optim_sd)
+        optim_meta = _optimizer_meta(state, path, optim_sd)
+    else:
+        model_sd, optim_tensors = get_model_state_dict(model), {}
+    model_sd = {k: v for k, v in model_sd.items() if k not in aliases}
     if (path / "dcp").is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        model_sd, optim_sd = (
-            get_state_dict(model, optimizer) if optimizer else (get_model_state_dict(model), {})
-        )
-        target = {"model": model_sd, "optim": optim_sd} if optimizer else {"model": model_sd}
-        with warnings.catch_warnings():  # loading without a process group is intended: one plain process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(target, checkpoint_id=path / "dcp")
+        flat = {f"model.{k}": v for k, v in model_sd.items()} | {
+            f"optim.{k}": v for k, v in optim_tensors.items()
+        }
+        _read_sharded(path / "dcp", flat)
+        model_sd = {k: flat[f"model.{k}"] for k in model_sd}
+        optim_tensors = {k: flat[f"optim.{k}"] for k in optim_tensors}
         options = StateDictOptions()
     else:
-        model_sd = _load_safetensors(path / "model.safetensors")
-        optim_sd = torch.load(path / "optimizer.pt", weights_only=True) if optimizer else {}
+        model_sd = read_tensors(path / "model.safetensors", specs(model_sd))
+        if optimizer is not None:
+            optim_tensors = read_tensors(path / "optimizer.safetensors", specs(optim_tensors))
         options = StateDictOptions(full_state_dict=True)
+    model_sd |= {alias: model_sd[name] for alias, name in aliases.items()}
     set_state_dict(
         model,
         optimizer or [],
         model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
+        optim_state_dict=_nested_optimizer(optim_tensors, optim_meta) if optimizer is not None else {},
         options=options,
     )
-    return read_state(path)
+    return state
+
+
+def _optimizer_meta(state: dict, path: Path, fresh: dict) -> dict:
+    """state.json's optimizer settings, checked against the optimizer being restored."""
+    meta = state.get("optimizer")
+    where = f"{path / 'state.json'}: 'optimizer'"
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError(f"{where}: missing or not an object with param_groups")
+    if not isinstance(meta.get("state"), dict):
+        raise CheckpointError(f"{where}: 'state' must be an object")
+    saved = [g.get("params") if isinstance(g, dict) else None for g in meta["param_groups"]]
+    if saved != [g["params"] for g in fresh["param_groups"]]:
+        raise CheckpointError(f"{where}: its parameter groups are not this model's")
+    return meta
+
+
+def resume_point(run_dir: str | Path, resume: bool | str) -> Path | None:
+    """The checkpoint a run resumes from: none (False), the newest (True), or the named step_N folder."""
+    if resume is False:
+        return None
+    if resume is True:
+        return latest(run_dir)
+    found = {p.name: p for p in list_checkpoints(run_dir)}
+    if resume not in found:
+        raise CheckpointError(
+            f"{Path(run_dir) / 'checkpoints'}: no finished checkpoint {resume!r}; found {', '.join(found) or 'none'}"
+        )
+    return found[resume]
+
+
+def earlier_hint(run_dir: str | Path, ckpt: Path) -> str:
+    """What to do when `ckpt` is damaged: the checkpoint before it, if there is one."""
+    older = [p.name for p in list_checkpoints(run_dir) if p.name < ckpt.name]
+    if not older:
+        return f"{ckpt.name} is the run's only checkpoint: start again with a new --out"
+    return f"resume from the checkpoint before it with --resume {older[-1]}"
+
+
+def convert_legacy(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """Rewrite a pickled checkpoint (optimizer.pt, or dcp/ with .metadata) as safetensors, atomically, in place.
+
+    This unpickles: call it only for a checkpoint whose author the user trusts (`myna checkpoint convert
+    --trust-checkpoint`). `model` and `optimizer` are fresh ones of the run's configuration.
+    """
+    path = Path(path)
+    state = read_state(path)
+    step = state["step"]
+    if path.name != f"step_{step:08d}":
+        raise CheckpointError(f"{path}: its state.json says step {step}; not a step_N folder of it")
+    if (path / "dcp" / ".metadata").exists():
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / "dcp")
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    elif (path / "optimizer.pt").exists():
+        load(path, model)
+        optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        raise CheckpointError(f"{path}: holds no pickle (optimizer.pt, dcp/.metadata); nothing to convert")
+    state = {k: v for k, v in state.items() if k not in ("step", "optimizer")}
+    return save(path.parent.parent, step, model, optimizer, state, Dist(), keep_last=0)

@@ -257,7 +257,7 @@ def dpo(
     out: str | Path,
     steps: int | None = None,
     beta: float = DEFAULT_BETA,
-    resume: bool = False,
+    resume: bool | str = False,
     parallel: str = "none",
     on_step=None,
     **overrides,

@@ -26,7 +26,7 @@ from torch import nn
 
 from myna.config import TrainConfig
 from myna.io import atomic_write
-from myna.progress import console
+from myna.progress import console, log
 from myna.train import checkpoint
 from myna.train.distributed import Dist, unwrap, wrap
 from myna.train.optim import build_optimizer, lr_at, set_lr
@@ -112,10 +112,9 @@ class _Metrics:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop the records of steps the resumed run will redo, so every step appears once
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            kept = [r for r in _records(self.path) if r["step"] <= resume_step]
             with atomic_write(self.path, "w") as f:
-                f.write("".join(ln + "\n" for ln in kept))
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")  # noqa: SIM115
         self.tb = None
         if importlib.util.find_spec("tensorboard") is not None:
@@ -137,9 +136,48 @@ class _Metrics:
             self.tb.close()
 
 
+def _records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line that a kill cut short does not parse and is left out, with a warning."""
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            torn += 1
+    if torn:
+        log(f"[yellow]{path}: left out {torn} unreadable line(s), cut short by a kill or damaged")
+    return records
+
+
 def _last_record(path: Path) -> dict:
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = _records(path)
+    return records[-1] if records else {}
+
+
+def _restore(ckpt: Path, model: nn.Module, optimizer, train_loader, dist: Dist) -> int:
+    """Load a checkpoint to resume from, with this rank's loader position and RNG states; returns its step.
+
+    A damaged checkpoint stops the run with what is wrong and the one to fall back on, never silently.
+    """
+    try:
+        state = checkpoint.load(ckpt, model, optimizer)
+        try:
+            loader, rng = state["loader"], state["rng"]
+            train_loader.load_state_dict(loader[min(dist.rank, len(loader) - 1)])
+            checkpoint.set_rng_state(rng[min(dist.rank, len(rng) - 1)])
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(
+                f"{ckpt / 'state.json'}: its loader or RNG state is damaged ({type(e).__name__}: {e})"
+            ) from None
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"{e}\n{checkpoint.earlier_hint(ckpt.parent.parent, ckpt)}"
+        ) from None
+    return state["step"]
 
 
 def _progress_bar(total: int, start: int) -> Progress:
@@ -181,7 +219,7 @@ def train(
     loss_fn: LossFn = next_token_loss,
     eval_fn: EvalFn | None = None,
     on_step: Callable[[int, dict], None] | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     extra_state: dict | None = None,
     final_checkpoint: bool = True,
 ) -> dict:
@@ -191,9 +229,9 @@ def train(
     load_state_dict (TokenLoader) so that checkpoints can resume them exactly; val_loader is rewound to its
     starting state before every evaluation, so each one reads the same batches. `eval_fn(model, val_loader,
     autocast)` returns the record entries of an evaluation (default: `evaluate`'s val_loss and val_bpb over
-    cfg.eval_batches). `bytes_per_token[id]` is the UTF-8 length of each token id (for bits per byte). With
-    resume=True the newest checkpoint in run_dir/checkpoints restores model, optimizer, schedule position, loader and RNG states. `on_step(step, record)` is
-    called after every step. `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
+    cfg.eval_batches). `bytes_per_token[id]` is the UTF-8 length of each token id (for bits per byte).
+    resume=True restores model, optimizer, schedule position, loader and RNG states from the newest checkpoint
+    in run_dir/checkpoints, resume="step_N" from that one. `on_step(step, record)` is called after every step. `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
     skips the checkpoint after the last step (benchmarks). Returns the last record.
     """
     dist = dist or Dist()
@@ -203,11 +241,8 @@ def train(
     compiled = torch.compile(model) if cfg.compile else model
 
     start = 0
-    if resume and (ckpt := checkpoint.latest(run_dir)) is not None:
-        state = checkpoint.load(ckpt, model, optimizer)
-        start = state["step"]
-        train_loader.load_state_dict(state["loader"][min(dist.rank, len(state["loader"]) - 1)])
-        checkpoint.set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
+    if (ckpt := checkpoint.resume_point(run_dir, resume)) is not None:
+        start = _restore(ckpt, model, optimizer, train_loader, dist)
         dist.log(f"resumed from {ckpt} (step {start})")
     val_start = val_loader.state_dict()  # every evaluation reads the same val batches
 

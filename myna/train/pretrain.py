@@ -85,7 +85,7 @@ def pretrain(
     preset: str = "cpu",
     steps: int | None = None,
     save_every: int | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     parallel: str = "none",
     compile: bool = False,
     on_step=None,
@@ -95,8 +95,8 @@ def pretrain(
     """Train the preset's model on DIR/shards/{train,val} with DIR/tokenizer.json; returns the last metrics.
 
     `overrides` set TrainConfig or ModelConfig fields by name (e.g. batch_size=4, n_layer=2). With resume=True
-    the newest checkpoint in OUT/checkpoints is continued (a fresh start when there is none); without it an
-    existing run in OUT is an error. `on_step(step, record)` is called after every optimizer step;
+    the newest checkpoint in OUT/checkpoints is continued (a fresh start when there is none), with
+    resume="step_N" that one; without it an existing run in OUT is an error. `on_step(step, record)` is called after every optimizer step;
     final_checkpoint=False skips the checkpoint after the last step (benchmarks).
     """
     data_dir, out = Path(data_dir), Path(out)

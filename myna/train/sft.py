@@ -444,7 +444,7 @@ def sft(
     data: str | Path,
     out: str | Path,
     steps: int | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     parallel: str = "none",
     compile: bool = False,
     on_step=None,
