@@ -33,6 +33,7 @@ from pathlib import Path
 
 ACTIONS = ("allow", "label", "block")  # in order of strictness
 DEFAULT_KEYWORDS = Path(__file__).with_name("moderation_keywords.json")
+MAX_POLICY_BYTES = 16 << 20  # keyword lists of every category, with room to spare
 DEFAULT_REFUSAL = (
     "This request was not answered: it falls under this server's moderation policy ({categories})."
 )
@@ -210,6 +211,8 @@ class Policy:
 
         A category the base policy lacks must bring terms or patterns; its action defaults to "label"."""
         path = Path(path)
+        if (size := path.stat().st_size) > MAX_POLICY_BYTES:
+            raise ValueError(f"{path}: {size:,} bytes, over the {MAX_POLICY_BYTES:,} a policy file may be")
         raw = path.read_bytes()
         try:
             data = tomllib.loads(raw.decode("utf-8")) if path.suffix == ".toml" else json.loads(raw)

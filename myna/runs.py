@@ -5,6 +5,7 @@ eval, a later SFT or DPO) loads it through `load_model`, from the run folder (it
 checkpoint folder inside it.
 """
 
+import json
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from myna.config import ModelConfig, TrainConfig, check_fits
 from myna.io import atomic_path, read_json
 from myna.model import GPT
+from myna.progress import log
 from myna.tokenizer import Tokenizer
 from myna.train import checkpoint
 from myna.train.optim import build_optimizer
@@ -65,6 +67,25 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", where: str
         raise ValueError(f"{where}: {e}") from None
     with torch.device(device):
         return GPT(cfg)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """RUN/metrics.jsonl, one record per logged step. A line that a kill cut short (or any other that does not
+    parse as a step's record) is left out with a warning: the run resumes past it and its report still draws."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            torn += 1
+    if torn:
+        log(f"[yellow]{path}: left out {torn} unreadable line(s), cut short by a kill or damaged")
+    return records
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:

@@ -109,6 +109,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path 
     return tok
 
 
+MAX_TOKENIZER_BYTES = 128 << 20  # a 256k-token vocabulary with its merges is ~30 MB
+
+
 class Tokenizer:
     """A trained tokenizer: HF for exact reference behaviour, tiktoken for fast bulk encoding."""
 
@@ -156,6 +159,10 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
+        if (size := Path(path).stat().st_size) > MAX_TOKENIZER_BYTES:
+            raise ValueError(
+                f"{path}: {size:,} bytes, over the {MAX_TOKENIZER_BYTES:,} a tokenizer.json may be"
+            )
         try:
             hf = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_chat import myna
 from test_train import sample_data  # noqa: F401 (a fixture)
 
-from myna.runs import build_model, convert_checkpoint, load_model, read_config
+from myna.runs import build_model, convert_checkpoint, load_model, read_config, read_metrics
 from myna.train import checkpoint
 from myna.train.checkpoint import CheckpointError
 from myna.train.optim import build_optimizer
@@ -233,6 +233,7 @@ def test_empty_weights_file_is_named(run: Path):
 def test_torn_metrics_line_after_a_kill_does_not_stop_resume(run: Path, sample_data: Path):  # noqa: F811
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "lo')  # the kill came mid-write
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))  # the report card draws the rest
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -273,3 +274,16 @@ def test_config_is_checked_before_anything_is_built(run: Path, change: dict, mes
     with pytest.raises(ValueError, match=message) as e:
         load_model(run)
     assert str(e.value).startswith(f"{run}/config.json")
+
+
+def test_oversized_tokenizer_and_policy_files_are_refused_before_reading(tmp_path: Path):
+    from myna.moderation import Policy
+    from myna.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "policy.json"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(1 << 30)  # sparse: a gigabyte on paper, nothing on disk
+    with pytest.raises(ValueError, match=r"tokenizer\.json: 1,073,741,824 bytes, over the"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"policy\.json: 1,073,741,824 bytes, over the"):
+        Policy.load(tmp_path / "policy.json")

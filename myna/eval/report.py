@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from myna.eval.run import data_sources, format_eval, hardware, lineage, stage_of  # noqa: E402
 from myna.io import atomic_path, atomic_write  # noqa: E402
+from myna.runs import read_metrics  # noqa: E402
 
 # (title, train key, val key) of each panel; a panel is drawn when the metrics have either key
 PANELS = (
@@ -27,20 +28,6 @@ PANELS = (
     ("reward margin", "reward_margin", "val_reward_margin"),
     ("pair accuracy", "pair_accuracy", "val_pair_accuracy"),
 )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 def plot_curves(rows: list[dict], title: str, path: Path) -> bool:

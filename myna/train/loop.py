@@ -26,7 +26,8 @@ from torch import nn
 
 from myna.config import TrainConfig
 from myna.io import atomic_write
-from myna.progress import console, log
+from myna.progress import console
+from myna.runs import read_metrics
 from myna.train import checkpoint
 from myna.train.distributed import Dist, unwrap, wrap
 from myna.train.optim import build_optimizer, lr_at, set_lr
@@ -112,7 +113,7 @@ class _Metrics:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop the records of steps the resumed run will redo, so every step appears once
-            kept = [r for r in _records(self.path) if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
             with atomic_write(self.path, "w") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")  # noqa: SIM115
@@ -136,25 +137,8 @@ class _Metrics:
             self.tb.close()
 
 
-def _records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line that a kill cut short does not parse and is left out, with a warning."""
-    records, torn = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        elif line.strip():
-            torn += 1
-    if torn:
-        log(f"[yellow]{path}: left out {torn} unreadable line(s), cut short by a kill or damaged")
-    return records
-
-
-def _last_record(path: Path) -> dict:
-    records = _records(path)
+def _last_record(run_dir: Path) -> dict:
+    records = read_metrics(run_dir)
     return records[-1] if records else {}
 
 
@@ -270,7 +254,7 @@ def train(
     if bar is not None:
         bar.start()
     # a finished run that is resumed does no step: its result is the last record it wrote
-    record: dict = _last_record(run_dir / "metrics.jsonl") if start >= cfg.steps else {}
+    record: dict = _last_record(run_dir) if start >= cfg.steps else {}
     t_log, steps_since_log = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
