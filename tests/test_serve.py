@@ -19,6 +19,7 @@ import uvicorn
 
 from myna.moderation import Policy
 from myna.serve import create_app
+from myna.serve.api import header_deadline
 from myna.tokenizer import Tokenizer
 
 TWEETS = Path(__file__).parent / "fixtures" / "tok" / "tweets.txt"
@@ -40,14 +41,18 @@ class Reply:
 
 
 class LiveServer:
-    """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread."""
+    """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread, set up as `myna serve` sets it up."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout: float = 10.0):
         self.app = app
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        http = header_deadline(header_timeout)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, http=http, log_level="warning", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -391,7 +396,11 @@ def test_413_by_content_length_and_by_streamed_body(run_dir):
         body = json.dumps({"model": run_dir.name, "messages": chat("y" * 3000)}).encode()
         conn = server.connect()
         conn.request(
-            "POST", "/v1/chat/completions", body=iter([body[:1000], body[1000:]]), encode_chunked=True
+            "POST",
+            "/v1/chat/completions",
+            body=iter([body[:1000], body[1000:]]),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
         )
         response = conn.getresponse()
         assert response.status == 413

@@ -47,7 +47,7 @@ def server(run_dir):
 
 
 @pytest.fixture
-def page(server):
+def page():
     assert CHROMIUM.exists(), f"{CHROMIUM} missing: install Debian's chromium package (.ci/run does)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -131,3 +131,19 @@ def test_chat_page_streams_keeps_conversations_and_shows_errors(server, page, ru
     expect(page.locator("#messages .msg.assistant.failed")).to_have_count(1)
     page.screenshot(path=str(ARTIFACTS / "web_error.png"))
     assert (ARTIFACTS / "web_chat.png").stat().st_size > 10_000
+
+
+def test_chat_page_works_without_a_key(run_dir, page):
+    """A server without a key takes the page's requests (JSON, to a loopback name) as they are."""
+    live = LiveServer(create_app(run_dir, policy=Policy.off(), on_load=hooks(endless=True)))
+    try:
+        live.wait_ready()
+        page.goto(f"http://localhost:{live.port}/")
+        expect(page.locator("#status")).to_contain_text(run_dir.name)
+        page.click("#settings summary")
+        page.fill("#max_tokens", "8")
+        send(page, "hello without a key")
+        expect(page.locator("#messages .msg.assistant .content")).not_to_be_empty()
+        expect(page.locator("#error")).to_be_hidden()
+    finally:
+        live.stop()

@@ -15,19 +15,29 @@ top-level `myna` field and x-myna-* headers, which those clients ignore:
 
 The model loads in a background thread once the server is up, so /health and /v1 answer 503 until it is ready.
 Every generation goes through one Engine: concurrent requests share its batch. A request beyond max_concurrency
-in flight gets 429 at once; a client that disconnects cancels its generation; bodies over max_body_bytes get 413.
+in flight gets 429 at once, before its body is parsed; parsing, tokenizing and moderating run in worker threads,
+off the event loop that streams the other replies. A client that disconnects cancels its generation; bodies over
+max_body_bytes get 413, bodies slower than body_timeout 408, and a connection that has not sent a request's
+headers within header_timeout is closed.
+
+Without an API key the server takes only requests whose Host is a loopback name (or one allowed_hosts names) and
+only JSON bodies: a web page the user visits can then neither post to it across sites (a form sends text/plain
+at most) nor reach it under its own name by DNS rebinding. With a key, the key is the protection.
 """
 
 import asyncio
 import base64
 import hmac
+import ipaddress
 import json
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import uvicorn
@@ -35,11 +45,15 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from myna.infer.engine import Engine, SamplingParams, set_cpu_threads
 from myna.infer.engine import Request as EngineRequest
-from myna.moderation import Policy, StreamGuard, moderate_exchange
+from myna.moderation import Policy, Report, StreamGuard, moderate_exchange
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
 from myna.template import check_messages, prompt_budget, render_prompt, turn_stop_ids
@@ -47,6 +61,8 @@ from myna.template import check_messages, prompt_budget, render_prompt, turn_sto
 WEB_DIR = Path(__file__).with_name("web")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_EMBED_INPUTS = 2048  # inputs per embeddings request, as OpenAI allows
+MAX_JSON_DEPTH = 32  # lists and objects nested in a body; OpenAI's requests nest a handful deep
+TOO_DEEP = f"the body nests lists and objects more than {MAX_JSON_DEPTH} levels deep"
 
 # Fields each endpoint reads. Others that OpenAI defines are accepted only at the value that means "off" (the
 # server cannot honour anything else), and an unknown field is refused, as OpenAI refuses it.
@@ -117,8 +133,18 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
 # Reading requests
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The JSON object in the body; 413 past max_bytes, judged by Content-Length and again while reading."""
+async def read_body(request: Request, max_bytes: int, timeout: float, json_only: bool) -> bytes:
+    """The raw body. 415 unless it is JSON when json_only; 413 past max_bytes, judged by Content-Length and again
+    while reading; 408 when it has not all arrived within timeout seconds."""
+    if json_only:
+        kind = request.headers.get("content-type", "")
+        if kind.partition(";")[0].strip().lower() != "application/json":
+            raise APIError(
+                415,
+                f"Content-Type: expected application/json, got {kind or 'none'!r} (a server without an API key "
+                "takes only JSON, which a page on another site cannot send it)",
+                code="unsupported_media_type",
+            )
     too_large = APIError(
         413, f"request body is larger than this server's limit of {max_bytes} bytes", code="request_too_large"
     )
@@ -126,17 +152,52 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     if length.isdigit() and int(length) > max_bytes:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:  # chunked uploads carry no Content-Length, and a header can lie
-            raise too_large
-        chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:  # chunked uploads carry no Content-Length, and a header can lie
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise APIError(
+            408,
+            f"the request body did not arrive within this server's limit of {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from e
+    except ClientDisconnect as e:
+        # no one is left to answer; uncaught, a client's hang-up would be logged as the server's error
+        raise APIError(499, "the client closed the connection while sending the body") from e
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The JSON object in a body. Refused too: nesting past MAX_JSON_DEPTH, which Python's json and every step
+    that walks the values would recurse into, and lone surrogates, which cannot be written back as UTF-8."""
+    try:
+        body = json.loads(raw)
+    except RecursionError as e:
+        raise _invalid(TOO_DEEP) from e
     except ValueError as e:
         raise _invalid(f"the body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
+    level = [body]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, dict | list)
+        ]
+        if not level:
+            break
+    else:
+        raise _invalid(TOO_DEEP)
+    if b"\\u" in raw:  # only an escape can spell a lone surrogate
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError as e:
+            char = f"\\u{ord(e.object[e.start]):04x}"
+            raise _invalid(f"the body is not valid JSON: a string holds a lone surrogate ({char})") from e
     return body
 
 
@@ -258,21 +319,30 @@ def _token_list(value, vocab_size: int, where: str) -> list[int]:
 
 
 class Job:
-    """One generation in flight, holding one concurrency slot until close() (which is safe to call twice).
+    """One request holding one concurrency slot until close() (which is safe to call twice), and the generation
+    it submits, if any.
 
-    close() cancels the engine request unless the generation was seen to its end: a client that went away, a
-    stream that broke, a server shutting down all free the batch slot instead of decoding for no one."""
+    close() cancels that generation unless it was seen to its end: a client that went away, a stream that broke,
+    a server shutting down all free the batch slot instead of decoding for no one."""
 
-    def __init__(self, server: "Server", request: EngineRequest):
-        self.server, self.request = server, request
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.request: EngineRequest | None = None
         self.finished = False
         self.closed = False
+
+    def submit(self, ids: list[int], params: SamplingParams) -> EngineRequest:
+        try:
+            self.request = self.server.engine.submit(ids, params)
+        except ValueError as e:
+            raise _invalid(str(e), code="context_length_exceeded") from e
+        return self.request
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if not self.finished:
+        if self.request is not None and not self.finished:
             self.request.cancel()
             self.server.cancelled += 1
         self.server.active -= 1
@@ -319,9 +389,10 @@ class Server:
                 f"serve: {self.model_id} ready ({self.checkpoint.name}, {loaded.model.num_params() / 1e6:.1f}M params)"
             )
         except Exception as e:  # reported by /health and every /v1 call, instead of dying in a thread
-            self.error = f"{type(e).__name__}: {e}"
+            # by its type alone: /health needs no key, and the message can hold the server's paths
+            self.error = f"{type(e).__name__} (the server's log has the details)"
             self.status = "error"
-            log(f"[red]serve: loading {self.checkpoint} failed: {self.error}")
+            log(f"[red]serve: loading {self.checkpoint} failed: {type(e).__name__}: {e}")
 
     @property
     def max_len(self) -> int:
@@ -339,7 +410,8 @@ class Server:
                 param="model",
             )
 
-    def take_slot(self) -> None:
+    def job(self) -> Job:
+        """A concurrency slot for one request, or 429 when all are taken."""
         if self.active >= self.max_concurrency:
             raise APIError(
                 429,
@@ -349,15 +421,7 @@ class Server:
                 headers={"Retry-After": "1"},
             )
         self.active += 1
-
-    def start(self, ids: list[int], params: SamplingParams) -> Job:
-        self.take_slot()
-        try:
-            request = self.engine.submit(ids, params)
-        except ValueError as e:
-            self.active -= 1
-            raise _invalid(str(e), code="context_length_exceeded") from e
-        return Job(self, request)
+        return Job(self)
 
     def health(self) -> dict:
         return {
@@ -418,9 +482,9 @@ def _chunk_choice(chat: bool, text: str | None, finish: str | None, first: bool)
 
 
 class _Stream(EventSourceResponse):
-    """An SSE response that closes its Job (if any) however it ends: finished, client gone, error, shutdown."""
+    """An SSE response that closes its Job however it ends: finished, client gone, error, shutdown."""
 
-    def __init__(self, events: AsyncIterator[bytes], job: Job | None, headers: dict[str, str]):
+    def __init__(self, events: AsyncIterator[bytes], job: Job, headers: dict[str, str]):
         # no caching, and no buffering by a proxy in front (nginx honours X-Accel-Buffering)
         super().__init__(events, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
@@ -429,8 +493,7 @@ class _Stream(EventSourceResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if self.job is not None:
-                self.job.close()
+            self.job.close()
 
 
 async def _disconnected(request: Request) -> None:
@@ -455,6 +518,197 @@ async def _wait(request: Request, job: Job):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Work on a request's body, done in a worker thread: a long prompt takes a while to parse, tokenize and moderate,
+# and the event loop streams every other reply meanwhile
+
+
+@dataclass
+class Generation:
+    """A completion request parsed, checked, tokenized and moderated: all that respond() needs."""
+
+    chat: bool
+    ids: list[int]
+    params: SamplingParams
+    prompt_text: str  # what moderation checks: the prompt, or a chat's newest user turn
+    report: Report  # moderation of prompt_text
+    context: dict  # `myna.context` of the response
+    stream: bool
+    include_usage: bool
+    echo: str = ""
+
+
+def prepare_chat(server: Server, raw: bytes) -> Generation:
+    body = parse_json(raw)
+    _check_fields(body, CHAT_FIELDS, CHAT_OFF)
+    server.check_model(body)
+    messages = _messages(body)
+    tok, max_len = server.loaded.tokenizer, server.max_len
+    params = replace(_sampling(body, tok.vocab_size), stop_token_ids=turn_stop_ids(tok))
+    requested = _number(body, "max_completion_tokens", None, 1, 2**31, integer=True)
+    requested = requested or _number(body, "max_tokens", None, 1, 2**31, integer=True)
+    stream, include_usage = _stream_flags(body)
+    # the new user turn is what moderation checks: earlier turns were checked when they were sent
+    user_text = next((m["content"] or "" for m in reversed(messages) if m["role"] == "user"), "")
+    try:
+        prompt = render_prompt(messages, tok, budget=prompt_budget(max_len, requested))
+    except ValueError as e:
+        raise _invalid(str(e), "messages", "context_length_exceeded") from e
+    room = max_len - len(prompt.ids)
+    context = {
+        "prompt_tokens": len(prompt.ids),
+        "dropped_turns": prompt.dropped_turns,
+        "truncated": prompt.truncated,
+        "max_tokens": min(requested or room, room),
+        "max_tokens_requested": requested,
+    }
+    params = replace(params, max_tokens=context["max_tokens"])
+    report = moderate_exchange(server.policy, user_text)
+    return Generation(True, prompt.ids, params, user_text, report, context, stream, include_usage)
+
+
+def prepare_completion(server: Server, raw: bytes) -> Generation:
+    body = parse_json(raw)
+    _check_fields(body, COMPLETION_FIELDS, COMPLETION_OFF)
+    server.check_model(body)
+    tok, max_len = server.loaded.tokenizer, server.max_len
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        # a raw continuation starts a document, as the pre-training shards do
+        ids, text = [tok.bos_id, *tok.encode(prompt)], prompt
+    elif isinstance(prompt, list):
+        ids = _token_list(prompt, tok.vocab_size, "prompt")
+        text = tok.decode(ids)
+    else:
+        raise _invalid("prompt: expected a string or a list of token ids (one prompt per request)", "prompt")
+    if len(ids) > max_len - 1:
+        raise _invalid(
+            f"This model's maximum context length is {max_len} tokens; the prompt has {len(ids)}",
+            "prompt",
+            "context_length_exceeded",
+        )
+    params = _sampling(body, tok.vocab_size)
+    # documents in the shards end where the next <|bos|> starts
+    params = replace(params, stop_token_ids=(tok.bos_id,))
+    requested = _number(body, "max_tokens", 16, 1, 2**31, integer=True)  # OpenAI's default is 16
+    stream, include_usage = _stream_flags(body)
+    room = max_len - len(ids)
+    context = {
+        "prompt_tokens": len(ids),
+        "dropped_turns": 0,
+        "truncated": False,
+        "max_tokens": min(requested, room),
+        "max_tokens_requested": requested,
+    }
+    params = replace(params, max_tokens=context["max_tokens"])
+    echo = text if _flag(body, "echo") else ""
+    report = moderate_exchange(server.policy, text)
+    return Generation(False, ids, params, text, report, context, stream, include_usage, echo)
+
+
+def embed(server: Server, raw: bytes) -> dict:
+    """The embeddings response for a request's body."""
+    body = parse_json(raw)
+    _check_fields(body, EMBEDDING_FIELDS, ())
+    server.check_model(body)
+    tok, max_len = server.loaded.tokenizer, server.max_len
+    batch = _embedding_inputs(body.get("input"), tok, max_len)
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise _invalid(
+            f"encoding_format: expected 'float' or 'base64', got {json.dumps(fmt)}", "encoding_format"
+        )
+    width = server.loaded.config.n_embd
+    if body.get("dimensions") not in (None, width):
+        raise _invalid(f"dimensions: this model's embeddings have {width} dimensions", "dimensions")
+    vectors = server.engine.embed(batch).float().cpu().numpy()
+    data = []
+    for i, v in enumerate(vectors):
+        value = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    n = sum(len(ids) for ids in batch)
+    return {
+        "object": "list",
+        "data": data,
+        "model": server.model_id,
+        "usage": {"prompt_tokens": n, "total_tokens": n},
+    }
+
+
+def _embedding_inputs(value, tok, max_len: int) -> list[list[int]]:
+    """input: a string, a list of strings, a list of token ids, or a list of such lists -> token id lists."""
+    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _invalid("input: expected a string, a list of strings, or token ids", "input")
+    if len(value) > MAX_EMBED_INPUTS:
+        raise _invalid(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(value)}", "input")
+    batch = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise _invalid(f"input[{i}]: empty string", "input")
+            ids = [tok.bos_id, *tok.encode(item)]  # a document starts with <|bos|>, as in training
+        else:
+            ids = _token_list(item, tok.vocab_size, f"input[{i}]")
+        if len(ids) > max_len:
+            raise _invalid(
+                f"input[{i}]: {len(ids)} tokens; this model's maximum context length is {max_len}",
+                "input",
+                "context_length_exceeded",
+            )
+        batch.append(ids)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Who may call a server that has no API key
+
+
+# a Host header: a name or an IPv4 address, or an IPv6 address in brackets, then an optional port
+HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[^\[\]:@/\s]+))(?::\d{1,5})?", re.IGNORECASE)
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """Whether a Host header names a loopback address, localhost, or one of the allowed names ("*": any)."""
+    if "*" in allowed:
+        return True
+    m = HOST_HEADER.fullmatch(host)
+    if m is None:
+        return False
+    name = (m["ip6"] or m["name"]).lower()
+    if name == "localhost" or name in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class HostCheck:
+    """ASGI middleware that answers 403 to a request whose Host is not allowed. A web page that reaches this
+    server by DNS rebinding (its own name pointed at 127.0.0.1) sends its own name: without a key, nothing else
+    would tell its requests from the user's."""
+
+    app: ASGIApp
+    allowed: frozenset[str]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            if not host_allowed(host, self.allowed):
+                message = (
+                    f"Host: {host!r} is not a name this server answers to; without an API key it takes "
+                    "loopback names (localhost, 127.0.0.1, [::1]) and those named with --allow-host"
+                )
+                await JSONResponse(_error_body(403, message, "host_not_allowed"), 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -467,11 +721,17 @@ def create_app(
     device: str = "cpu",
     max_batch: int | None = None,
     max_body_bytes: int = 1 << 20,
+    body_timeout: float = 30.0,
+    allowed_hosts: tuple[str, ...] = (),
     on_load: Callable[[Loaded], None] | None = None,
 ) -> FastAPI:
     """The server for one run (or checkpoint). policy None = Policy.default() (labels only); max_batch None =
-    max_concurrency, so every admitted request decodes in the same batch. on_load(loaded) runs in the loading
-    thread before the engine starts (tests hold it to see the 503s, or slow the model down)."""
+    max_concurrency, so every admitted request decodes in the same batch. body_timeout: seconds for a request's
+    body to arrive. Without an api_key, requests must name a loopback Host or one of allowed_hosts ("*": any),
+    and POST only JSON. on_load(loaded) runs in the loading thread before the engine starts (tests hold it to see
+    the 503s, or slow the model down)."""
+    if body_timeout <= 0:
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout}")
     server = Server(
         ckpt,
         api_key=api_key,
@@ -492,6 +752,9 @@ def create_app(
 
     app = FastAPI(title="Myna", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    if api_key is None:
+        # with a key, the key is the protection: a page on another site cannot send it
+        app.add_middleware(HostCheck, allowed=frozenset(h.lower() for h in allowed_hosts))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -501,6 +764,11 @@ def create_app(
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         # unknown paths and wrong methods, in the same shape as everything else
         return JSONResponse(_error_body(e.status_code, str(e.detail)), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # a bug: the client gets OpenAI's shape, the log the traceback (Starlette raises it on to uvicorn)
+        return JSONResponse(_error_body(500, "internal server error; the server's log has the details"), 500)
 
     def authorized(request: Request) -> None:
         if server.api_key is None:
@@ -550,100 +818,34 @@ def create_app(
         server.check_model({"model": model})
         return model_card()
 
+    async def admit(request: Request) -> tuple[bytes, Job]:
+        """The body, and a concurrency slot for the work on it: a request over the limit gets 429 before that work."""
+        raw = await read_body(request, max_body_bytes, body_timeout, json_only=server.api_key is None)
+        return raw, server.job()
+
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_json(request, max_body_bytes)
-        _check_fields(body, CHAT_FIELDS, CHAT_OFF)
-        server.check_model(body)
-        messages = _messages(body)
-        tok, max_len = server.loaded.tokenizer, server.max_len
-        params = replace(_sampling(body, tok.vocab_size), stop_token_ids=turn_stop_ids(tok))
-        requested = _number(body, "max_completion_tokens", None, 1, 2**31, integer=True)
-        requested = requested or _number(body, "max_tokens", None, 1, 2**31, integer=True)
-        stream, include_usage = _stream_flags(body)
-        # the new user turn is what moderation checks: earlier turns were checked when they were sent
-        user_text = next((m["content"] or "" for m in reversed(messages) if m["role"] == "user"), "")
-        try:
-            prompt = render_prompt(messages, tok, budget=prompt_budget(max_len, requested))
-        except ValueError as e:
-            raise _invalid(str(e), "messages", "context_length_exceeded") from e
-        room = max_len - len(prompt.ids)
-        context = {
-            "prompt_tokens": len(prompt.ids),
-            "dropped_turns": prompt.dropped_turns,
-            "truncated": prompt.truncated,
-            "max_tokens": min(requested or room, room),
-            "max_tokens_requested": requested,
-        }
-        return await respond(
-            request,
-            True,
-            prompt.ids,
-            replace(params, max_tokens=context["max_tokens"]),
-            user_text,
-            context,
-            stream,
-            include_usage,
-        )
+        return await generate(request, prepare_chat)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        body = await read_json(request, max_body_bytes)
-        _check_fields(body, COMPLETION_FIELDS, COMPLETION_OFF)
-        server.check_model(body)
-        tok, max_len = server.loaded.tokenizer, server.max_len
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            # a raw continuation starts a document, as the pre-training shards do
-            ids, text = [tok.bos_id, *tok.encode(prompt)], prompt
-        elif isinstance(prompt, list):
-            ids = _token_list(prompt, tok.vocab_size, "prompt")
-            text = tok.decode(ids)
-        else:
-            raise _invalid(
-                "prompt: expected a string or a list of token ids (one prompt per request)", "prompt"
-            )
-        if len(ids) > max_len - 1:
-            raise _invalid(
-                f"This model's maximum context length is {max_len} tokens; the prompt has {len(ids)}",
-                "prompt",
-                "context_length_exceeded",
-            )
-        params = _sampling(body, tok.vocab_size)
-        # documents in the shards end where the next <|bos|> starts
-        params = replace(params, stop_token_ids=(tok.bos_id,))
-        requested = _number(body, "max_tokens", 16, 1, 2**31, integer=True)  # OpenAI's default is 16
-        stream, include_usage = _stream_flags(body)
-        room = max_len - len(ids)
-        context = {
-            "prompt_tokens": len(ids),
-            "dropped_turns": 0,
-            "truncated": False,
-            "max_tokens": min(requested, room),
-            "max_tokens_requested": requested,
-        }
-        params = replace(params, max_tokens=context["max_tokens"])
-        echo = text if _flag(body, "echo") else ""
-        return await respond(request, False, ids, params, text, context, stream, include_usage, echo)
+        return await generate(request, prepare_completion)
 
-    async def respond(
-        request: Request,
-        chat: bool,
-        ids: list[int],
-        params: SamplingParams,
-        prompt_text: str,
-        context: dict,
-        stream: bool,
-        include_usage: bool,
-        echo: str = "",
-    ) -> Response:
-        """Moderate, generate, moderate again; answer as one JSON object or as an SSE stream."""
+    async def generate(request: Request, prepare: Callable[[Server, bytes], Generation]) -> Response:
+        raw, job = await admit(request)
+        try:
+            return await respond(request, await asyncio.to_thread(prepare, server, raw), job)
+        except BaseException:
+            job.close()
+            raise
+
+    async def respond(request: Request, gen: Generation, job: Job) -> Response:
+        """Generate, moderate the reply; answer as one JSON object or as an SSE stream. Closes the job."""
+        chat, context = gen.chat, gen.context
         kind = "chat.completion" if chat else "text_completion"
         head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": kind + (".chunk" if chat and stream else ""),
+            "object": kind + (".chunk" if chat and gen.stream else ""),
             "created": int(time.time()),
             "model": server.model_id,
             "system_fingerprint": f"myna-{server.checkpoint.name}",
@@ -651,40 +853,47 @@ def create_app(
         headers = _context_headers(context)
 
         def chunk(text: str | None, finish: str | None = None, first: bool = False, **extra) -> bytes:
-            usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last one
+            usage = (
+                {"usage": None} if gen.include_usage else {}
+            )  # OpenAI's chunks say null until the last one
             return _sse({**head, "choices": [_chunk_choice(chat, text, finish, first)], **usage, **extra})
 
         def usage_chunk(completion_tokens: int) -> bytes:
-            return _sse({**head, "choices": [], "usage": _usage(len(ids), completion_tokens)})
+            return _sse({**head, "choices": [], "usage": _usage(len(gen.ids), completion_tokens)})
 
-        report = moderate_exchange(server.policy, prompt_text)
-        if report.blocked:  # refused before generation: the policy's notice stands in for the reply
-            myna = {"context": context, "moderation": report.to_dict()}
-            if not stream:
-                choice = _choice(chat, report.message, "content_filter")
+        async def moderate(reply: str):
+            # the prompt is checked again with the reply, and it may be long
+            return await asyncio.to_thread(moderate_exchange, server.policy, gen.prompt_text, reply)
+
+        if gen.report.blocked:  # refused before generation: the policy's notice stands in for the reply
+            job.close()
+            myna = {"context": context, "moderation": gen.report.to_dict()}
+            if not gen.stream:
+                choice = _choice(chat, gen.report.message, "content_filter")
                 return JSONResponse(
-                    {**head, "choices": [choice], "usage": _usage(len(ids), 0), "myna": myna}, headers=headers
+                    {**head, "choices": [choice], "usage": _usage(len(gen.ids), 0), "myna": myna},
+                    headers=headers,
                 )
 
             async def refusal() -> AsyncIterator[bytes]:
-                yield chunk(report.message, first=True, myna={"context": context})
+                yield chunk(gen.report.message, first=True, myna={"context": context})
                 yield chunk(None, "content_filter", myna=myna)
-                if include_usage:
+                if gen.include_usage:
                     yield usage_chunk(0)
                 yield _sse("[DONE]")
 
-            return _Stream(refusal(), None, headers)
+            return _Stream(refusal(), job, headers)
 
-        job = server.start(ids, params)
-        if not stream:
+        generation = job.submit(gen.ids, gen.params)
+        if not gen.stream:
             try:
                 completion = await _wait(request, job)
             finally:
                 job.close()
             if completion is None:  # nobody is listening; the status only shows in the access log
                 return Response(status_code=499)
-            report = moderate_exchange(server.policy, prompt_text, completion.text)
-            text, finish = echo + completion.text, completion.finish_reason
+            report = await moderate(completion.text)
+            text, finish = gen.echo + completion.text, completion.finish_reason
             if report.blocked:
                 text, finish = report.message, "content_filter"
             server.served += 1
@@ -697,31 +906,31 @@ def create_app(
             return JSONResponse(body, headers=headers)
 
         async def events() -> AsyncIterator[bytes]:
-            yield chunk(echo, first=True, myna={"context": context})
+            yield chunk(gen.echo, first=True, myna={"context": context})
             guard = StreamGuard(server.policy)  # holds back the words a block term could still complete
             try:
-                async for delta in job.request.astream():
+                async for delta in generation.astream():
                     if shown := guard.feed(delta):
                         yield chunk(shown)
                     if guard.blocked:
-                        job.request.cancel()
+                        generation.cancel()
                         break
                 else:
                     if rest := guard.finish():
                         yield chunk(rest)
-                completion = await job.request.aresult()
+                completion = await generation.aresult()
             except Exception as e:  # the engine failed mid-stream: say so in OpenAI's streamed-error shape
                 yield _sse(_error_body(500, f"generation failed: {type(e).__name__}: {e}"))
                 yield _sse("[DONE]")
                 return
             job.finished = True
-            report = moderate_exchange(server.policy, prompt_text, guard.text)
+            report = await moderate(guard.text)
             finish = completion.finish_reason
             if report.blocked:  # the held-back words completed a block term: they and the rest are withheld
                 finish = "content_filter"
                 yield chunk(("\n\n" if guard.sent else "") + report.message)
             yield chunk(None, finish, myna={"moderation": report.to_dict()})
-            if include_usage:
+            if gen.include_usage:
                 yield usage_chunk(completion.completion_tokens)
             yield _sse("[DONE]")
             server.served += 1
@@ -730,70 +939,58 @@ def create_app(
 
     @v1.post("/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        body = await read_json(request, max_body_bytes)
-        _check_fields(body, EMBEDDING_FIELDS, ())
-        server.check_model(body)
-        tok, max_len = server.loaded.tokenizer, server.max_len
-        batch = _embedding_inputs(body.get("input"), tok, max_len)
-        fmt = body.get("encoding_format", "float")
-        if fmt not in ("float", "base64"):
-            raise _invalid(
-                f"encoding_format: expected 'float' or 'base64', got {json.dumps(fmt)}", "encoding_format"
-            )
-        width = server.loaded.config.n_embd
-        if body.get("dimensions") not in (None, width):
-            raise _invalid(f"dimensions: this model's embeddings have {width} dimensions", "dimensions")
-        server.take_slot()
+        raw, job = await admit(request)
         try:
-            # the forward pass runs off the event loop, which keeps streaming other requests meanwhile
-            vectors = await asyncio.to_thread(server.engine.embed, batch)
+            response = await asyncio.to_thread(embed, server, raw)
         finally:
-            server.active -= 1
-        vectors = vectors.float().cpu().numpy()
-        data = []
-        for i, v in enumerate(vectors):
-            value = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        n = sum(len(ids) for ids in batch)
+            job.close()
         server.served += 1
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": server.model_id,
-                "usage": {"prompt_tokens": n, "total_tokens": n},
-            }
-        )
+        return JSONResponse(response)
 
     app.include_router(v1)
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app
 
 
-def _embedding_inputs(value, tok, max_len: int) -> list[list[int]]:
-    """input: a string, a list of strings, a list of token ids, or a list of such lists -> token id lists."""
-    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise _invalid("input: expected a string, a list of strings, or token ids", "input")
-    if len(value) > MAX_EMBED_INPUTS:
-        raise _invalid(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(value)}", "input")
-    batch = []
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            if not item:
-                raise _invalid(f"input[{i}]: empty string", "input")
-            ids = [tok.bos_id, *tok.encode(item)]  # a document starts with <|bos|>, as in training
-        else:
-            ids = _token_list(item, tok.vocab_size, f"input[{i}]")
-        if len(ids) > max_len:
-            raise _invalid(
-                f"input[{i}]: {len(ids)} tokens; this model's maximum context length is {max_len}",
-                "input",
-                "context_length_exceeded",
-            )
-        batch.append(ids)
-    return batch
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a request's headers within
+    header_timeout of opening or of its last response. uvicorn alone times out only a keep-alive connection that
+    sends nothing: one that never sends, or stops half-way through its headers, stays open for ever."""
+
+    def __init__(self, *args, header_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.start_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
+
+    def start_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(self.header_timeout, self.headers_late)
+
+    def headers_late(self) -> None:
+        # a request whose headers came is being answered, and its body has body_timeout
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+def header_deadline(header_timeout: float) -> Callable[..., HeaderDeadline]:
+    """uvicorn's `http` setting for HeaderDeadline's protocol."""
+    if header_timeout <= 0:
+        raise ValueError(f"header_timeout must be > 0 seconds, got {header_timeout}")
+    return partial(HeaderDeadline, header_timeout=header_timeout)
 
 
 def serve(
@@ -806,6 +1003,9 @@ def serve(
     device: str = "cpu",
     max_batch: int | None = None,
     max_body_bytes: int = 1 << 20,
+    allowed_hosts: tuple[str, ...] = (),
+    header_timeout: float = 10.0,
+    body_timeout: float = 30.0,
     log_level: str = "info",
 ) -> None:
     """Serve a run until interrupted: the OpenAI API under /v1 and the web chat at /."""
@@ -818,10 +1018,24 @@ def serve(
         device=device,
         max_batch=max_batch,
         max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+        allowed_hosts=allowed_hosts,
     )
     server: Server = app.state.server
     shown = f"[{host}]" if ":" in host else host
     log(
         f"[bold]myna serve[/bold]: {server.model_id} at http://{shown}:{port}/ (web chat), API base http://{shown}:{port}/v1"
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if api_key is None and not host_allowed(shown, frozenset()):
+        log(
+            f"[yellow]serve: listening on {host} without --api-key: anyone who reaches it can use the model "
+            "(under a loopback name or one given with --allow-host); see the README's security section"
+        )
+    uvicorn.run(
+        app,
+        http=header_deadline(header_timeout),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
