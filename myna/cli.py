@@ -208,7 +208,8 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     if not args.no_serve:
         from myna.serve.api import serve
 
-        serve(chat, host=args.host, port=args.port)  # prints the URL; Ctrl-C stops it
+        # prints the URL; Ctrl-C stops it
+        serve(chat, host=args.host, port=args.port, allowed_hosts=tuple(args.allow_host))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -343,6 +344,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         policy=_policy(args.policy),
         device=args.device,
+        allowed_hosts=tuple(args.allow_host),
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
 
 
@@ -433,6 +437,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 def serve_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="without --api-key, also answer requests addressed to NAME (repeatable; '*': any name); "
+        "loopback names always work",
+    )
 
 
 def finetune_flags(sp: argparse.ArgumentParser) -> None:
@@ -637,6 +649,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--policy", help="moderation policy: a JSON/TOML file, 'default' (label only) or 'off'")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    v.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=10.0,
+        help="close a connection that has not sent a request's headers in this many seconds (default 10)",
+    )
+    v.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=30.0,
+        help="answer 408 to a request whose body has not all arrived in this many seconds (default 30)",
+    )
     v.set_defaults(fn=cmd_serve)
 
     k = sub.add_parser("classify", help="text classifiers on a trained model: train, then predict")

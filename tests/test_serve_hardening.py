@@ -12,6 +12,7 @@ import pytest
 from test_serve import KEY, LiveServer, chat, error_of, hooks, wait_for
 
 import myna.serve.api as api
+from myna.cli import main
 from myna.moderation import Policy
 from myna.serve import create_app
 
@@ -282,3 +283,13 @@ def test_with_a_key_the_key_is_the_protection(run_dir):
         assert r.status == 401
     finally:
         server.stop()
+
+
+def test_serve_flags_reach_the_server(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(api, "serve", lambda ckpt, **kwargs: seen.update(kwargs))
+    main(["serve", "--ckpt", "RUN", "--allow-host", "a.example", "--allow-host", "b.example"])
+    assert seen["allowed_hosts"] == ("a.example", "b.example")
+    assert seen["header_timeout"] == 10 and seen["body_timeout"] == 30
+    main(["serve", "--ckpt", "RUN", "--header-timeout", "2.5", "--body-timeout", "4"])
+    assert seen["allowed_hosts"] == () and seen["header_timeout"] == 2.5 and seen["body_timeout"] == 4
