@@ -341,6 +341,47 @@ def test_jsonl_wrong_types_name_the_field(tmp_path):
     assert [r.line for r in rejects] == [2, 3, 4, 5, 6, 7]
 
 
+def test_json_array_of_myna_posts_is_read_as_records(tmp_path):
+    posts = [myna_post(i, like_count=i, hashtags=["a"]) for i in range(500)]
+    pretty = tmp_path / "x.json"
+    pretty.write_text(json.dumps(posts, indent=2, default=str))  # as json.dump(posts, f, indent=2) writes it
+    one_line = tmp_path / "posts.json.gz"
+    one_line.write_bytes(gzip.compress(orjson.dumps(posts)))
+    for path in (pretty, one_line):
+        assert detect_format(path) == "jsonl"
+        assert read_all(path) == (posts, [])
+
+
+def test_json_lines_with_a_broken_first_line_lose_only_that_line(tmp_path):
+    v2 = (API / "v2" / "geo_tweets.jsonl").read_bytes().splitlines()
+    myna = [orjson.dumps(myna_post(i)) for i in range(3)]
+    files = {
+        "cut.jsonl": (v2[0][:300] + b"\n" + b"\n".join(v2), "v2"),  # the first record cut mid-object
+        "log.jsonl": (b"HTTP/1.1 200 OK\n" + b"\n".join(v2), "v2"),  # a line that is not JSON at all
+        "posts.jsonl": (b'{"id": "9", "text": \n' + b"\n".join(myna), "jsonl"),
+    }
+    for name, (data, fmt) in files.items():
+        path = tmp_path / name
+        path.write_bytes(data + b"\n")
+        assert detect_format(path) == fmt
+        posts, rejects = read_all(path)
+        assert len(posts) == 3
+        assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [(1, "invalid JSON")]
+
+
+def test_a_big_single_line_array_streams_in_bounded_memory(tmp_path):
+    n = 20_000
+    url = "https://example.org/" + "x" * 1000  # about 1.3 KB a post: 27 MB on one line
+    path = tmp_path / "big.json"
+    path.write_bytes(orjson.dumps([myna_post(i, urls=[url]) for i in range(n)]))
+    tracemalloc.start()
+    kept = sum(not isinstance(item, Reject) for item in read_posts(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert kept == n
+    assert peak < 8 << 20  # a chunk and a record, never the whole array
+
+
 def test_parquet_round_trip_and_schema_check(tmp_path):
     posts = [myna_post(i, lang="en", urls=["https://x.org"]) for i in range(5000)]
     path = tmp_path / "posts.parquet"

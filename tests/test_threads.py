@@ -280,7 +280,7 @@ def test_bad_lines_become_rejects_with_line_numbers(tmp_path):
 
     rejects = {r.line: r for r in out if isinstance(r, Reject)}
     assert sorted(rejects) == [2, 3, 4, 5, 6, 7, 8, 9, 12]
-    assert "bad JSON" in rejects[2].reason and rejects[2].snippet == "{not json"
+    assert "invalid JSON" in rejects[2].reason and rejects[2].snippet == "{not json"
     assert "turns[1].text" in rejects[6].reason
     assert "'bot'" in rejects[7].reason
     assert "fewer than 2 usable turns" in rejects[8].reason and "fewer than 2" in rejects[9].reason

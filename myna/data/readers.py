@@ -8,8 +8,9 @@ records that cannot become a Post. Bad content never raises: bad JSON, wrong typ
 Formats: "v1" (Twitter API v1.1 statuses: single, arrays, search envelopes, streaming lines), "v2" (API v2 response
 pages / twarc2 JSONL, flattened tweets), "archive" (account archive tweet.js / tweets.js), "csv", "text" (one post per
 line), "jsonl" and "parquet" (Myna's own Post schema), "conversations" (customer-care threads: detected here, read by
-another module). A single JSON document (an array, a pretty-printed object, an archive) is split into records by
-`split_json_document` without ever holding the whole document.
+another module). Every JSON format may also come as one JSON document (an array, pretty-printed or not, a
+pretty-printed object, an archive): it is split into records by `split_json_document` without ever holding the
+whole document.
 """
 
 import codecs
@@ -88,9 +89,9 @@ def detect_format(path: str | Path) -> str:
         return "text"
     if head.startswith(b"window."):
         return "archive"
-    if head[:1] in (b"{", b"["):
+    if head[:1] in (b"{", b"[") or ext in (".jsonl", ".ndjson"):  # JSON lines may open with a broken line
         return _sniff_json(path, head)
-    if ext in (".json", ".jsonl", ".ndjson", ".js"):
+    if ext in (".json", ".js"):
         raise ValueError(f"{path}: {ext} file does not start with JSON (starts {head[:40]!r})")
     return "text"
 
@@ -391,8 +392,9 @@ class _Splitter:
 # JSON records: JSON lines, or the records of one JSON document
 
 
-def _json_records(path: str, options: ReadOptions) -> Iterator[tuple[object, int, bytes] | Reject]:
-    """(parsed record, line or record number, raw bytes) for each record, or a Reject."""
+def json_records(path: str, options: ReadOptions) -> Iterator[tuple[object, int, bytes] | Reject]:
+    """(parsed record, line or record number, raw bytes) for each record of a JSON-lines file or of one JSON
+    document, or a Reject."""
     if not _is_document(_head(path)):
         yield from _json_lines(path, options.max_record_bytes)
         return
@@ -429,11 +431,17 @@ def _json_lines(path: str, limit: int) -> Iterator[tuple[object, int, bytes] | R
 
 def _is_document(head: bytes) -> bool:
     """One JSON document (array, pretty-printed object, archive) rather than JSON lines: a JSON-lines file's
-    first line is a whole object (or longer than the head)."""
+    first line is a whole object (or longer than the head), or, when that line is broken, its second line is
+    (a pretty-printed object's second line is a key or its closing brace)."""
     if head.startswith((b"[", b"window.")):
         return True
-    first_line, newline, _ = head.partition(b"\n")
-    return head.startswith(b"{") and bool(newline) and not first_line.rstrip().endswith(b"}")
+    first_line, newline, rest = head.partition(b"\n")
+    if not head.startswith(b"{") or not newline or first_line.rstrip().endswith(b"}"):
+        return False
+    try:
+        return not isinstance(orjson.loads(rest.lstrip().partition(b"\n")[0]), dict)
+    except orjson.JSONDecodeError:
+        return True
 
 
 def _sniff_json(path: Path, head: bytes) -> str:
@@ -497,7 +505,7 @@ def _classify(record: object) -> str | None:
 
 
 def _read_v1(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
-    for item in _json_records(path, options):
+    for item in json_records(path, options):
         if isinstance(item, Reject):
             yield item
         else:
@@ -505,7 +513,7 @@ def _read_v1(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
 
 
 def _read_archive(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
-    for item in _json_records(path, options):
+    for item in json_records(path, options):
         if isinstance(item, Reject):
             yield item
             continue
@@ -618,7 +626,7 @@ def _v1_text(s: dict) -> tuple[object, object]:
 
 
 def _read_v2(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
-    for item in _json_records(path, options):
+    for item in json_records(path, options):
         if isinstance(item, Reject):
             yield item
         else:
@@ -747,7 +755,7 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _read_jsonl(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
-    for item in _json_lines(path, options.max_record_bytes):
+    for item in json_records(path, options):
         if isinstance(item, Reject):
             yield item
         else:

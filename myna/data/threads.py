@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
-from myna.data.readers import ReadOptions, iter_lines
+from myna.data.readers import ReadOptions, json_records
 from myna.data.schema import Reject
 from myna.io import atomic_write
 
@@ -256,7 +256,8 @@ def _alternate(turns: list[str], last: str) -> list[dict]:
 
 
 def read_conversations(path: str | Path, fmt_hint: str | None = None) -> Iterator[dict | Reject]:
-    """Conversation JSON Lines (gzip/zstd transparent) -> dialogue dicts, or a Reject per unusable line.
+    """Conversation JSON Lines or one JSON array of them (gzip/zstd transparent) -> dialogue dicts, or a Reject
+    per unusable record (numbered by line, or by position in the array).
 
     Shapes, detected per record unless fmt_hint ("turns" or "messages") forces one:
     - {"turns": [{"role": customer|agent|user|assistant, "text", "author"?}]} (twcs, IBM, phylliida):
@@ -271,18 +272,14 @@ def read_conversations(path: str | Path, fmt_hint: str | None = None) -> Iterato
     if fmt_hint not in (None, "turns", "messages"):
         raise ValueError(f"fmt_hint must be None, 'turns' or 'messages', got {fmt_hint!r}")
     name = Path(path).name
-    # the readers' line splitter: bounded line length, and a truncated gzip/zstd stream becomes a Reject
-    for item in iter_lines(str(path), ReadOptions().max_record_bytes):
+    # the readers' JSON records: JSON lines or one JSON array, bounded record size, and a truncated gzip/zstd
+    # stream becomes a Reject
+    for item in json_records(str(path), ReadOptions()):
         if isinstance(item, Reject):
             yield item
             continue
-        line_no, raw = item
-        if not raw.strip():
-            continue  # blank line: no record
-        try:
-            messages = _messages_from_record(orjson.loads(raw), fmt_hint)
-        except orjson.JSONDecodeError as e:
-            messages = f"bad JSON: {e}"
+        record, line_no, raw = item
+        messages = _messages_from_record(record, fmt_hint)
         if isinstance(messages, str):
             snippet = raw.decode("utf-8", "replace").strip()[:SNIPPET_CHARS]
             yield Reject(str(path), line_no, messages, snippet)
