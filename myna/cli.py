@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from myna.progress import console, log
@@ -37,6 +38,7 @@ def _prepare_config(args: argparse.Namespace):
         (cfg, "workers", args.workers),
         (cfg, "vocab_size", args.vocab_size),
         (cfg, "val_fraction", args.val_fraction),
+        (cfg, "strict", getattr(args, "strict", False) or None),
         (cfg.read, "csv_columns", _csv_columns(csv_columns) if csv_columns else None),
         (cfg.read, "csv_preset", getattr(args, "csv_preset", None)),
         (cfg.clean, "mask_handles", args.mask_handles or None),
@@ -73,11 +75,17 @@ def print_funnel(funnel: dict) -> None:
     conv = funnel["conversations"]
     if conv["input"]:
         t.add_row("conversations read / rejected", f"{conv['kept']:,} / {conv['rejected']:,}", "")
+    files = funnel["files"]
+    if files["rejected"]:
+        t.add_row("input files rejected (not posts)", f"{files['rejected']:,} of {files['input']:,}", "")
     console.print(t)
 
 
 def print_summary(summary: dict) -> None:
     print_funnel(summary["funnel"])
+    for path, file in summary["ingest"]["files"].items():
+        if "error" in file:  # a file's name and head are the user's text, not rich markup
+            log(f"[yellow]rejected input file {escape(path)}: {escape(file['error'])}")
     thr, shd = summary["threads"], summary["shards"]
     log(
         f"dialogues: {thr['dialogues_from_threads']:,} from reply trees + {thr['dialogues_from_conversations']:,} "
@@ -525,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", help="force one reader for every input (default: detect per file)")
     d.add_argument("--csv-columns", help="CSV column mapping, FIELD=NAME_OR_INDEX pairs: text=tweet,id=0")
     d.add_argument("--csv-preset", choices=["sentiment140"], help="a known headerless CSV layout")
+    d.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first input file that cannot be read or is no post format (default: reject it, go on)",
+    )
     data_flags(d)
     d.set_defaults(fn=cmd_data)
 

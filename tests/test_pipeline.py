@@ -3,8 +3,12 @@
 import csv
 import gzip
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +41,42 @@ def run_myna(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "myna", *args], capture_output=True, text=True, timeout=300)
 
 
+def run_myna_as_user(*args: str) -> subprocess.CompletedProcess:
+    """`myna` for whom file modes count: root reads any file, so as root it runs without the capabilities that let
+    it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        return run_myna(*args)
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv is missing: cannot make a file unreadable")
+    drop = "--bounding-set=-dac_override,-dac_read_search"
+    run = subprocess.run(
+        ["setpriv", drop, sys.executable, "-m", "myna", *args], capture_output=True, text=True, timeout=300
+    )
+    if run.stderr.startswith("setpriv:"):
+        pytest.skip(f"setpriv cannot drop capabilities here: {run.stderr.strip()}")
+    return run
+
+
+def png(width: int = 16, height: int = 16) -> bytes:
+    """A real (grey gradient) PNG image: the kind of file a dump folder holds beside its posts."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = b"".join(b"\x00" + bytes(range(0, 256, 256 // width)) for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, dict]:
-    """A small mixed input folder: text, CSV, v1.1, v2, archive, conversations, and three broken files."""
+    """A small mixed input folder: text, CSV, v1.1, v2, archive, conversations, JSON arrays of posts and of
+    conversations, three files with broken records, and three files that are no post format."""
     d = tmp_path_factory.mktemp("raw")
     expected = {}
     expected["text"] = _head_lines(SAMPLE / "posts" / "sentiment140_positive.txt.gz", d / "s140.txt", 3000)
@@ -66,6 +103,21 @@ def inputs(tmp_path_factory) -> tuple[Path, dict]:
     (d / "broken.jsonl").write_bytes(b'{"id": "1", "text": "fine"}\n{not json\n{"id": "3"}\n')
     (d / "empty.txt").write_bytes(b"")
     (d / "badutf8.txt").write_bytes(b"good line\n\xff\xfe bad bytes\n")
+    # JSON arrays as json.dump(records, f, indent=2) writes them: Myna posts, and conversations
+    array_posts = [
+        {"id": f"a{i}", "text": text, "source": f"export:{i}", "lang": "en"}
+        for i, text in enumerate(lines[:40])
+    ]
+    (d / "posts.json").write_text(json.dumps(array_posts, indent=2))
+    expected["array_posts"] = array_posts
+    conversations = [orjson.loads(line) for line in gzip.decompress(conv.read_bytes()).splitlines()[200:230]]
+    (d / "more_conversations.json").write_text(json.dumps(conversations, indent=2))
+    expected["conversations"] += len(conversations)
+    # what a real dump folder also holds: an image, a file whose first line is not JSON, and a table of numbers
+    (d / "photo.png").write_bytes(png())
+    (d / "notes.json").write_text("exported by hand, see below\n" + json.dumps(array_posts[:2]))
+    (d / "scores.csv").write_text("".join(f"{i},{i * 7},{i % 3}\n" for i in range(100)))
+    expected["files"] = len(list(d.iterdir()))
     return d, expected
 
 
@@ -89,6 +141,8 @@ def test_funnel_adds_up_and_counts_every_input_record(prepared, inputs):
     assert funnel["dropped"].get("exact_duplicate", 0) > 0
     assert funnel["dropped"].get("repost", 0) > 0
     assert funnel["conversations"]["kept"] == inputs[1]["conversations"]
+    n_files = inputs[1]["files"]
+    assert funnel["files"] == {"input": n_files, "read": n_files - 3, "rejected": 3}
 
 
 def test_bad_records_are_rejected_with_file_line_and_reason(prepared):
@@ -101,6 +155,23 @@ def test_bad_records_are_rejected_with_file_line_and_reason(prepared):
     assert all(r["reason"] for r in rejects)
     assert [r["line"] for r in by_file["badutf8.txt"]] == [2]
     assert "empty.txt" not in by_file  # an empty file is no error and yields nothing
+    [photo] = by_file["photo.png"]
+    assert photo["scope"] == "file" and photo["reason"].startswith("binary content, not a post format")
+    [notes] = by_file["notes.json"]
+    assert notes["scope"] == "file" and notes["reason"].startswith(".json file does not start with JSON")
+    [scores] = by_file["scores.csv"]  # none of its 100 rows can be read: one file rejected, not one record
+    assert scores["scope"] == "file" and scores["reason"].startswith("headerless CSV with 3 columns")
+    assert "posts.json" not in by_file and "more_conversations.json" not in by_file
+
+
+def test_json_arrays_are_read_as_records(prepared, inputs):
+    out, summary = prepared
+    posts = {p["id"]: p for p in pipeline.read_parts(out / "posts").to_pylist()}
+    for post in inputs[1]["array_posts"]:
+        assert {k: posts[post["id"]][k] for k in post} == post
+    arrays = {Path(f).name: info for f, info in summary["ingest"]["files"].items()}
+    assert arrays["posts.json"] == {"format": "jsonl", "ok": 40, "rejected": 0}
+    assert arrays["more_conversations.json"] == {"format": "conversations", "ok": 30, "rejected": 0}
 
 
 def test_corpus_split_is_temporal_and_shards_decode_back_to_the_corpus(prepared):
@@ -218,3 +289,42 @@ def test_cli_ingest_with_a_csv_column_mapping(tmp_path):
         "data", "ingest", str(tmp_path / "dump.csv"), "--out", str(tmp_path / "e"), "--csv-columns", "text"
     )
     assert bad.returncode != 0 and "FIELD=COLUMN" in bad.stderr
+
+
+def test_cli_strict_stops_at_the_first_file_that_is_not_posts(inputs, tmp_path):
+    run = run_myna(
+        "data", "ingest", str(inputs[0]), "--out", str(tmp_path / "d"), "--strict", "--workers", "1"
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    notes = inputs[0] / "notes.json"  # the first of the two in file order
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"myna data: error: {notes}: .json file does not start with JSON")
+    )
+    assert not (tmp_path / "d" / "posts").exists()  # nothing half-written
+
+
+def test_an_unreadable_file_is_rejected_by_name_or_stops_a_strict_run(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    n = _head_lines(SAMPLE / "posts" / "sentiment140_positive.txt.gz", raw / "s140.txt", 50)
+    locked = raw / "locked.jsonl"
+    locked.write_bytes(b'{"id": "1", "text": "mine", "source": "x"}\n')
+    locked.chmod(0)
+    run = run_myna_as_user("data", "ingest", str(raw), "--out", str(tmp_path / "d"), "--workers", "1")
+    assert run.returncode == 0, run.stderr
+    rejects = [orjson.loads(line) for line in (tmp_path / "d" / "rejects.jsonl").read_bytes().splitlines()]
+    reason = "cannot read: Permission denied"
+    assert rejects == [{"stage": "ingest", "scope": "file", "file": str(locked), "reason": reason}]
+    assert len(pipeline.read_parts(tmp_path / "d" / "posts")) == n
+    strict = run_myna_as_user("data", "ingest", str(raw), "--out", str(tmp_path / "e"), "--strict")
+    assert strict.returncode != 0 and "Traceback" not in strict.stderr
+    assert strict.stderr.strip().splitlines()[-1] == f"myna data: error: {locked}: {reason}"
+
+
+def test_a_run_where_every_file_is_rejected_fails(tmp_path):
+    (tmp_path / "photo.png").write_bytes(png())
+    with pytest.raises(ValueError, match=r"no input file could be read as posts \(1 rejected\).*photo\.png"):
+        pipeline.ingest([tmp_path / "photo.png"], tmp_path / "d")
+    assert not (tmp_path / "d" / "posts").exists()

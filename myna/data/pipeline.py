@@ -6,11 +6,12 @@ parameters and of its inputs' sizes and mtimes) is unchanged is skipped.
 
 Layout of a data directory:
     posts/               every ingested post, one schema (myna.data.schema), as Parquet parts (one per input file)
-    rejects.jsonl        every record that could not be read or parsed: file, line, reason, snippet
+    rejects.jsonl        every record that could not be read or parsed: file, line, reason, snippet; and every input
+                         file that could not be read or holds no post format: scope "file", file, reason
     conversations.jsonl  dialogues read from conversation files (customer-care threads and the like)
     clean/               posts after the filters of myna.data.clean, as Parquet parts (intermediate)
     corpus.parquet       clean.parquet minus duplicates, with a `split` column ("train" or "val")
-    funnel.json          input = kept + sum(dropped) + rejected, with a count per reason
+    funnel.json          input = kept + sum(dropped) + rejected, with a count per reason; files read and rejected
     dialogues.jsonl      OpenAI-messages dialogues from reply trees and conversation files
     prefs.jsonl          preference pairs from sibling replies' likes
     tokenizer.json       byte-level BPE
@@ -64,6 +65,7 @@ class PrepareConfig:
     tokenizer_max_docs: int = 2_000_000  # BPE training sees at most this many train posts
     workers: int = max(1, min(os.cpu_count() or 1, 8))
     force: bool = False  # rerun stages even when their stamps say they are up to date
+    strict: bool = False  # stop at the first input file that cannot be read or holds no post format
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,57 +163,97 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _ingest_file(task: tuple[int, Path, str | None, readers.ReadOptions, Path]) -> dict:
-    """Read one input file into a Parquet part of posts (or a JSONL part of conversations), plus its rejects."""
+    """Read one input file into a Parquet part of posts (or a JSONL part of conversations), plus its rejects.
+
+    A file that cannot be read or holds no post format comes back with the reason as its `error` and leaves no
+    part: none of its records is kept or counted, the file is.
+    """
     index, path, fmt, options, part_dir = task
-    fmt = fmt or readers.detect_format(path)
-    rejects: list[dict] = []
-    n_ok = 0
-    if fmt == "conversations":
-        part = part_dir / f"conversations-{index:05d}.jsonl"
-        with open(part, "wb") as f:
-            for rec in threads.read_conversations(path):
-                if isinstance(rec, Reject):
-                    rejects.append(rec.to_dict())
-                else:
-                    f.write(orjson.dumps(rec) + b"\n")
-                    n_ok += 1
-    else:
-        part = part_dir / f"part-{index:05d}.parquet"
-        with pq.ParquetWriter(part, POST_SCHEMA, compression="zstd") as w:
-            batch: list[dict] = []
-            for rec in readers.read_posts(path, fmt, options):
-                if isinstance(rec, Reject):
-                    rejects.append(rec.to_dict())
-                    continue
-                batch.append(rec)
-                if len(batch) >= PART_ROWS:
-                    w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
-                    n_ok += len(batch)
-                    batch = []
-            if batch:
-                w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
-                n_ok += len(batch)
+    size = path.stat().st_size
+    part = None
+    try:
+        readers.check_readable(path)
+        fmt = fmt or readers.detect_format(path)
+        if fmt == "conversations":
+            part = part_dir / f"conversations-{index:05d}.jsonl"
+            n_ok, rejects = _write_conversations(path, part)
+        else:
+            part = part_dir / f"part-{index:05d}.parquet"
+            n_ok, rejects = _write_posts(path, fmt, options, part)
+    except readers.InputFileError as e:  # raised before the file's first record, or at it (a CSV's header)
+        if part is not None:
+            part.unlink(missing_ok=True)
+        return {"file": str(path), "error": e.reason, "bytes": size}
     return {
         "file": str(path),
         "format": fmt,
         "part": part.name,
         "ok": n_ok,
         "rejects": rejects,
-        "bytes": path.stat().st_size,
+        "bytes": size,
     }
 
 
+def _write_conversations(path: Path, part: Path) -> tuple[int, list[dict]]:
+    rejects: list[dict] = []
+    n_ok = 0
+    with open(part, "wb") as f:
+        for rec in threads.read_conversations(path):
+            if isinstance(rec, Reject):
+                rejects.append(rec.to_dict())
+            else:
+                f.write(orjson.dumps(rec) + b"\n")
+                n_ok += 1
+    return n_ok, rejects
+
+
+def _write_posts(path: Path, fmt: str, options: readers.ReadOptions, part: Path) -> tuple[int, list[dict]]:
+    rejects: list[dict] = []
+    n_ok = 0
+    with pq.ParquetWriter(part, POST_SCHEMA, compression="zstd") as w:
+        batch: list[dict] = []
+        for rec in readers.read_posts(path, fmt, options):
+            if isinstance(rec, Reject):
+                rejects.append(rec.to_dict())
+                continue
+            batch.append(rec)
+            if len(batch) >= PART_ROWS:
+                w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
+                n_ok += len(batch)
+                batch = []
+        if batch:
+            w.write_table(posts_to_table(batch), row_group_size=PART_ROWS)
+            n_ok += len(batch)
+    return n_ok, rejects
+
+
 def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """Raw files (any supported format, mixed) -> posts/ (Parquet parts), conversations.jsonl, rejects.jsonl."""
+    """Raw files (any supported format, mixed) -> posts/ (Parquet parts), conversations.jsonl, rejects.jsonl.
+
+    A file that cannot be read or holds no post format is rejected whole and the others go on; with cfg.strict
+    it stops the stage (InputFileError) and nothing is written.
+    """
     cfg = cfg or PrepareConfig()
     out = Path(out)
     files = list_inputs(inputs)
     if not files:
         raise ValueError("no input files given")
-    params = {"files": [str(f) for f in files], "format": cfg.format, "read": dataclasses.asdict(cfg.read)}
+    params = {
+        "files": [str(f) for f in files],
+        "format": cfg.format,
+        "read": dataclasses.asdict(cfg.read),
+        "strict": cfg.strict,
+    }
 
     def run() -> dict:
-        summary = {"files": {}, "posts": 0, "conversations": 0, "rejected": 0, "conversations_rejected": 0}
+        summary = {
+            "files": {},
+            "files_rejected": 0,
+            "posts": 0,
+            "conversations": 0,
+            "rejected": 0,
+            "conversations_rejected": 0,
+        }
         with (
             atomic_dir(out / "posts") as part_dir,
             atomic_write(out / "conversations.jsonl", "wb") as cf,
@@ -223,7 +265,15 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | N
                 _pool(min(cfg.workers, len(files))) as pool,
             ):
                 for r in bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers):
-                    bar.advance(r["bytes"], f"{Path(r['file']).name} ({r['format']})")
+                    bar.advance(r["bytes"], f"{Path(r['file']).name} ({r.get('format', 'rejected')})")
+                    if "error" in r:
+                        if cfg.strict:
+                            raise readers.InputFileError(r["file"], r["error"])
+                        summary["files_rejected"] += 1
+                        summary["files"][r["file"]] = {"error": r["error"]}
+                        reject = {"stage": "ingest", "scope": "file", "file": r["file"], "reason": r["error"]}
+                        rf.write(orjson.dumps(reject) + b"\n")
+                        continue
                     if r["format"] == "conversations":
                         part = part_dir / r["part"]
                         cf.write(part.read_bytes())
@@ -240,6 +290,12 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | N
                         "ok": r["ok"],
                         "rejected": len(r["rejects"]),
                     }
+            if summary["files_rejected"] == len(files):  # nothing left to go on with: fail, write nothing
+                first, file = next(iter(summary["files"].items()))
+                raise ValueError(
+                    f"no input file could be read as posts ({len(files)} rejected); the first: {first}: "
+                    f"{file['error']}"
+                )
         return summary
 
     return _run_stage(
@@ -484,8 +540,12 @@ def tokenize(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 
 
 def write_funnel(out: Path, ing: dict, cln: dict, ddp: dict) -> dict:
-    """funnel.json: input = kept + sum(dropped) + rejected, checked here so a broken count never gets written."""
+    """funnel.json: input = kept + sum(dropped) + rejected, checked here so a broken count never gets written.
+
+    Posts are counted in posts; an input file rejected whole holds no countable posts, so `files` counts it.
+    """
     dropped = Counter(cln["dropped"]) + Counter(ddp["dropped"])
+    n_files, n_bad = len(ing["files"]), ing["files_rejected"]
     funnel = {
         "input": ing["posts"] + ing["rejected"],
         "kept": ddp["kept"],
@@ -498,6 +558,7 @@ def write_funnel(out: Path, ing: dict, cln: dict, ddp: dict) -> dict:
             "kept": ing["conversations"],
             "rejected": ing["conversations_rejected"],
         },
+        "files": {"input": n_files, "read": n_files - n_bad, "rejected": n_bad},
     }
     if funnel["input"] != funnel["kept"] + sum(dropped.values()) + funnel["rejected"]:
         raise RuntimeError(f"funnel does not add up: {funnel}")

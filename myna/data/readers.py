@@ -1,9 +1,11 @@
 """Readers: every raw post format -> the one Post schema (myna.data.schema).
 
 `read_posts(path)` streams a file in constant memory and yields Post dicts (built with `new_post`) and Rejects for
-records that cannot become a Post. Bad content never raises: bad JSON, wrong types, invalid UTF-8, records over
-`max_record_bytes` and truncated gzip/zstd streams all become counted Rejects. Only an unknown format
-(`detect_format`) or a bad option raises ValueError.
+records that cannot become a Post. Bad records never raise: bad JSON, wrong types, invalid UTF-8, records over
+`max_record_bytes` and truncated gzip/zstd streams all become counted Rejects. A file that is unusable as a whole
+raises InputFileError naming the file, before any of its posts: it cannot be opened, holds no post format (binary,
+JSON of something else), or its layout cannot be read (a CSV without a text column, a Parquet file of another
+schema). A bad option raises ValueError.
 
 Formats: "v1" (Twitter API v1.1 statuses: single, arrays, search envelopes, streaming lines), "v2" (API v2 response
 pages / twarc2 JSONL, flattened tweets), "archive" (account archive tweet.js / tweets.js), "csv", "text" (one post per
@@ -71,9 +73,32 @@ class ReadOptions:
 # Public API
 
 
+class InputFileError(ValueError):
+    """A whole input file is unusable: it cannot be opened, holds no post format, or its layout cannot be read."""
+
+    def __init__(self, path: str | Path, reason: str):
+        # both in args, so the error survives pickling from a worker process to its parent
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def check_readable(path: str | Path) -> None:
+    """InputFileError naming the file when it cannot be opened (no permission, a folder, gone)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InputFileError(path, f"cannot read: {e.strerror or e}") from None
+
+
 def detect_format(path: str | Path) -> str:
-    """The format of one file, from its extension and its first decompressed bytes; ValueError when unknown."""
+    """The format of one file, from its extension and its first decompressed bytes; InputFileError when it
+    cannot be read or holds no post format."""
     path = Path(path)
+    check_readable(path)
     with open(path, "rb") as f:
         if f.read(4) == b"PAR1":
             return "parquet"
@@ -82,7 +107,7 @@ def detect_format(path: str | Path) -> str:
     if not head.strip():  # empty: every reader yields nothing, so any answer is right
         return {".csv": "csv", ".tsv": "csv", ".js": "archive", ".jsonl": "jsonl"}.get(ext, "text")
     if _looks_binary(head):
-        raise ValueError(f"{path}: binary content, not a post format (starts {head[:16]!r})")
+        raise InputFileError(path, f"binary content, not a post format (starts {head[:16]!r})")
     if ext in (".csv", ".tsv", ".tab"):
         return "csv"
     if ext == ".txt":
@@ -92,7 +117,7 @@ def detect_format(path: str | Path) -> str:
     if head[:1] in (b"{", b"[") or ext in (".jsonl", ".ndjson"):  # JSON lines may open with a broken line
         return _sniff_json(path, head)
     if ext in (".json", ".js"):
-        raise ValueError(f"{path}: {ext} file does not start with JSON (starts {head[:40]!r})")
+        raise InputFileError(path, f"{ext} file does not start with JSON (starts {head[:40]!r})")
     return "text"
 
 
@@ -102,7 +127,10 @@ def read_posts(
     """Stream Post dicts and Rejects from one file; `fmt` None = detect_format(path)."""
     options = options or ReadOptions()
     _check_options(options)
-    fmt = fmt or detect_format(path)
+    if fmt is None:
+        fmt = detect_format(path)
+    else:
+        check_readable(path)  # here, naming the file, rather than at the first record
     if fmt == "conversations":
         raise ValueError(
             f"{path}: a conversations file (records with turns/messages); read it as conversations"
@@ -466,7 +494,7 @@ def _sniff_json(path: Path, head: bytes) -> str:
     if not candidates and (fmt := _classify({k.decode(): None for k in re.findall(rb'"(\w+)"\s*:', head)})):
         return fmt
     seen = repr(candidates[0])[:80] if candidates else repr(head[:80])
-    raise ValueError(f"{path}: JSON that matches no post format (first record {seen})")
+    raise InputFileError(path, f"JSON that matches no post format (first record {seen})")
 
 
 _V1_NOTICES = (
@@ -764,14 +792,16 @@ def _read_jsonl(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
 
 
 def _read_parquet(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
-    row = 0
     try:
         parquet = pq.ParquetFile(path)
-        names = set(parquet.schema_arrow.names)
-        if names - _POST_FIELD_SET or {"id", "text"} - names:
-            extra, missing = sorted(names - _POST_FIELD_SET), sorted({"id", "text"} - names)
-            yield Reject(path, 1, f"not the Post schema: unknown columns {extra}, missing {missing}")
-            return
+    except (pa.ArrowException, OSError) as e:
+        raise InputFileError(path, f"unreadable parquet: {e}") from None
+    names = set(parquet.schema_arrow.names)
+    if names - _POST_FIELD_SET or {"id", "text"} - names:
+        extra, missing = sorted(names - _POST_FIELD_SET), sorted({"id", "text"} - names)
+        raise InputFileError(path, f"not the Post schema: unknown columns {extra}, missing {missing}")
+    row = 0
+    try:
         for batch in parquet.iter_batches(batch_size=4096):
             for record in batch.to_pylist():
                 row += 1
@@ -840,10 +870,7 @@ def _read_csv(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
         if not row:  # a blank line holds no record
             continue
         if layout is None:
-            layout = _csv_layout(row, options, path, line)
-            if isinstance(layout, Reject):
-                yield layout
-                return
+            layout = _csv_layout(row, options, path)
             if layout[2]:  # header row
                 continue
         columns, width, _ = layout
@@ -881,10 +908,9 @@ class _CsvFeed:
         self.rejects.clear()
 
 
-def _csv_layout(
-    row: list[str], options: ReadOptions, path: str, line: int
-) -> tuple[dict, int, bool] | Reject:
-    """(Post field -> column index, row width, is this row a header) from the first row and the options."""
+def _csv_layout(row: list[str], options: ReadOptions, path: str) -> tuple[dict, int, bool]:
+    """(Post field -> column index, row width, is this row a header) from the first row and the options;
+    InputFileError when no row of the file can be read with them."""
     names = [cell.strip().lower() for cell in row]
     if options.csv_preset:
         columns, width = CSV_PRESETS[options.csv_preset]
@@ -903,7 +929,7 @@ def _csv_layout(
             elif header and column.strip().lower() in names:
                 columns[field] = names.index(column.strip().lower())
             else:
-                return Reject(path, line, f"csv_columns: no column named {column!r} (header {row[:20]})")
+                raise InputFileError(path, f"csv_columns: no column named {column!r} (header {row[:20]})")
     elif header:
         columns = {}
         for field, aliases in CSV_ALIASES.items():
@@ -916,13 +942,15 @@ def _csv_layout(
     elif len(row) == 1:
         columns = {"text": 0}
     else:
-        return Reject(
-            path, line, f"headerless CSV with {len(row)} columns: set ReadOptions.csv_columns or csv_preset"
+        raise InputFileError(
+            path, f"headerless CSV with {len(row)} columns: set ReadOptions.csv_columns or csv_preset"
         )
     if "text" not in columns:
-        return Reject(path, line, f"no text column in CSV header {row[:20]}: set ReadOptions.csv_columns")
+        raise InputFileError(path, f"no text column in CSV header {row[:20]}: set ReadOptions.csv_columns")
     if max(columns.values()) >= len(row):
-        return Reject(path, line, f"csv_columns index {max(columns.values())} is past the {len(row)} columns")
+        raise InputFileError(
+            path, f"csv_columns index {max(columns.values())} is past the {len(row)} columns"
+        )
     return columns, len(row), header
 
 
