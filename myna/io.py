@@ -1,10 +1,11 @@
-"""File helpers shared by every stage: transparent decompression and atomic writes."""
+"""File helpers shared by every stage: transparent decompression, atomic writes and their leftovers."""
 
 import contextlib
 import gzip
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -84,6 +85,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove what a killed atomic_write, atomic_path or atomic_dir of `path` left beside it, and return it.
+
+    Only their own names match: `.NAME.` + tempfile's 8 random characters + `.tmp`, and atomic_dir's
+    `.NAME.old-PID`. Call it only where no other process is writing `path`.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old-[0-9]+)")
+    removed = [p for p in path.parent.iterdir() if leftover.fullmatch(p.name)]
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return removed
 
 
 def read_json(path: str | Path, max_bytes: int = 1 << 20) -> dict:

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -218,6 +219,47 @@ def test_dialogues_and_prefs_are_written(prepared, inputs):
         roles = [m["role"] for m in d["messages"] if m["role"] != "system"]
         assert len(roles) >= 2 and roles[-1] == "assistant"
     assert (out / "prefs.jsonl").exists()
+
+
+# A run killed mid-write: every kind of atomic write open at once, then SIGKILL (no cleanup handler runs).
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from myna.io import atomic_dir, atomic_path, atomic_write
+out = Path(sys.argv[1])
+with (
+    atomic_dir(out / "posts") as posts,
+    atomic_write(out / "rejects.jsonl") as rejects,
+    atomic_path(out / "corpus.parquet"),
+    atomic_dir(out / "shards" / "train"),
+    atomic_write(out / ".stages" / "tokenize.json"),
+):
+    (posts / "part-00000.parquet").write_bytes(b"half a part")
+    rejects.write(b"half a line")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_run_removes_what_a_killed_run_left(prepared, inputs):
+    out, _ = prepared
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(out)], capture_output=True, timeout=60
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(list(out.rglob("*.tmp"))) == 5  # one per write
+    (out / ".clean.old-4242").mkdir()  # atomic_dir killed between its two renames
+    users = [
+        out / "notes.tmp",
+        out / ".posts.tmp",
+        out / "posts.abcdefgh.tmp",
+        out / "shards" / ".train.my-copy.tmp",
+    ]
+    for p in users:
+        p.write_text("the user's, not Myna's")
+    summary = pipeline.prepare([inputs[0]], out, pipeline.PrepareConfig(vocab_size=512, workers=2))
+    assert sorted(p for p in out.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name) == sorted(users)
+    assert summary["funnel"] == json.loads((out / "funnel.json").read_text())
+    assert pq.ParquetFile(out / "corpus.parquet").metadata.num_rows == summary["funnel"]["kept"]
 
 
 def test_rerun_skips_fresh_stages_and_redoes_changed_ones(prepared, inputs):

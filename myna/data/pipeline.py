@@ -2,7 +2,8 @@
 
 Each stage is a function from files in a run directory to files in the same directory, so it can be called from
 Python, the CLI or a test, and re-entered after a crash: a stage whose outputs exist and whose stamp (a hash of its
-parameters and of its inputs' sizes and mtimes) is unchanged is skipped.
+parameters and of its inputs' sizes and mtimes) is unchanged is skipped. Outputs are written atomically, so a killed
+run leaves only temp files beside them, which the stage removes when it next runs.
 
 Layout of a data directory:
     posts/               every ingested post, one schema (myna.data.schema), as Parquet parts (one per input file)
@@ -44,7 +45,7 @@ from myna.data.dedup import DedupConfig, dedup
 from myna.data.schema import POST_SCHEMA, Reject, posts_to_table
 from myna.data.shards import ShardWriter
 from myna.data.threads import ThreadConfig
-from myna.io import atomic_dir, atomic_path, atomic_write
+from myna.io import atomic_dir, atomic_path, atomic_write, remove_stale_temps
 from myna.progress import Progress, log
 from myna.tokenizer import Tokenizer, train_tokenizer
 
@@ -92,6 +93,9 @@ def _run_stage(
 ) -> dict:
     """Run fn unless the stage's outputs exist and its stamp matches; returns the stage's summary."""
     stamp_path = out / ".stages" / f"{name}.json"
+    removed = [p for o in [*outputs, stamp_path] for p in remove_stale_temps(out / o)]
+    if removed:
+        log(f"[dim]{name}: removed {len(removed)} leftovers of an interrupted run[/dim]")
     stamp = _stamp(inputs, params)
     if not force and stamp_path.exists() and all((out / o).exists() for o in outputs):
         saved = json.loads(stamp_path.read_text())
@@ -562,6 +566,7 @@ def write_funnel(out: Path, ing: dict, cln: dict, ddp: dict) -> dict:
     }
     if funnel["input"] != funnel["kept"] + sum(dropped.values()) + funnel["rejected"]:
         raise RuntimeError(f"funnel does not add up: {funnel}")
+    remove_stale_temps(out / "funnel.json")
     with atomic_write(out / "funnel.json", "w") as f:
         json.dump(funnel, f, indent=2)
     return funnel
