@@ -401,11 +401,19 @@ def _optimizer_meta(state: dict, path: Path, fresh: dict) -> dict:
     where = f"{path / 'state.json'}: 'optimizer'"
     if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
         raise CheckpointError(f"{where}: missing or not an object with param_groups")
-    if not isinstance(meta.get("state"), dict):
-        raise CheckpointError(f"{where}: 'state' must be an object")
     saved = [g.get("params") if isinstance(g, dict) else None for g in meta["param_groups"]]
     if saved != [g["params"] for g in fresh["param_groups"]]:
         raise CheckpointError(f"{where}: its parameter groups are not this model's")
+    for group, expected in zip(meta["param_groups"], fresh["param_groups"], strict=True):
+        if group.keys() != expected.keys():
+            raise CheckpointError(
+                f"{where}: a parameter group has settings {sorted(group)}, not {sorted(expected)}"
+            )
+    entries = meta.get("state")
+    if not isinstance(entries, dict) or not all(
+        isinstance(v, dict) and k in fresh["state"] for k, v in entries.items()
+    ):
+        raise CheckpointError(f"{where}: 'state' must map this model's parameter names to objects")
     return meta
 
 
