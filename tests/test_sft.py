@@ -295,3 +295,14 @@ def test_two_ddp_ranks_match_one_process(base_run: Path, chat_data: Path, tmp_pa
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
         assert abs(a.get("val_loss", 0) - b.get("val_loss", 0)) < 1e-4, (a, b)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+def test_a_json_array_of_dialogues_is_read_as_records(tmp_path: Path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "dialogues.json"
+    path.write_text(
+        json.dumps([good, json.loads(BAD_LINES[1]), good], indent=2)
+    )  # pretty: one record, many lines
+    kept, rejects = read_records(path, parse_dialogue)
+    assert [d["where"] for d in kept] == [f"{path}:1", f"{path}:3"]
+    assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [(2, "messages[0].role")]

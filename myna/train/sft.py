@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import xxhash
 
 from myna.config import ModelConfig, TrainConfig
-from myna.data.readers import ReadOptions, iter_lines
+from myna.data.readers import ReadOptions, json_records
 from myna.data.schema import Reject
 from myna.io import atomic_write
 from myna.runs import load_model, read_config, resolve
@@ -73,25 +73,23 @@ def data_file(data: str | Path, default_name: str) -> Path:
 
 
 def read_records(path: Path, parse: Callable[[dict], dict]) -> tuple[list[dict], list[Reject]]:
-    """The JSONL records `parse` accepts (gzip/zstd transparent), and a Reject (file:line, reason) for the rest.
+    """The records `parse` accepts (JSON lines or one JSON array, gzip/zstd transparent), and a Reject (file:line,
+    reason) for the rest.
 
     `parse(record)` returns what to keep or raises ValueError naming the field. Each kept item gets "id" (the
-    record's own, else FILE:LINE) and "where" (FILE:LINE).
+    record's own, else FILE:LINE) and "where" (FILE:LINE; the record's number in an array).
     """
     kept, rejects = [], []
-    for item in iter_lines(str(path), ReadOptions().max_record_bytes):
+    for item in json_records(str(path), ReadOptions()):
         if isinstance(item, Reject):
             rejects.append(item)
             continue
-        line, raw = item
-        if not raw.strip():
-            continue
+        rec, line, raw = item
         try:
-            rec = orjson.loads(raw)
             if not isinstance(rec, dict):
                 raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
             parsed = parse(rec)
-        except (orjson.JSONDecodeError, ValueError) as e:
+        except ValueError as e:
             rejects.append(Reject(str(path), line, str(e), raw.decode("utf-8", "replace")[:SNIPPET_CHARS]))
             continue
         rec_id = rec.get("id")
