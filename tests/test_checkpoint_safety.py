@@ -287,3 +287,15 @@ def test_oversized_tokenizer_and_policy_files_are_refused_before_reading(tmp_pat
         Tokenizer.from_file(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=r"policy\.json: 1,073,741,824 bytes, over the"):
         Policy.load(tmp_path / "policy.json")
+
+
+def test_shards_of_another_vocabulary_are_refused(sample_data: Path, tmp_path: Path):  # noqa: F811
+    from myna.tokenizer import train_tokenizer
+
+    data = Path(shutil.copytree(sample_data, tmp_path / "data"))
+    lines = (data / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()[:500]
+    train_tokenizer(lines, vocab_size=600).save(data / "tokenizer.json")
+    with pytest.raises(
+        ValueError, match=r"shards: token shards of a 512-token vocabulary, but .*tokenizer\.json has"
+    ):
+        pretrain(data, tmp_path / "run", preset="tiny", steps=1)

@@ -241,3 +241,17 @@ def test_loader_rejects_mismatched_state_and_bad_args(shard_dir: Path):
         TokenLoader(shard_dir / "empty", batch_size=2, seq_len=16)
     with pytest.raises(ValueError, match="seq_len \\+ 1"):
         TokenLoader(shard_dir, batch_size=2, seq_len=10**6)
+
+
+def test_loader_names_a_token_outside_the_vocabulary(tmp_path: Path):
+    with ShardWriter(tmp_path, "train", vocab_size=300) as w:
+        w.add(list(range(1, 100)))
+    shard = next(tmp_path.glob("train_*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[-4:-2] = (299 + 1000).to_bytes(2, "little")  # a damaged body under an intact header
+    shard.write_bytes(bytes(data))
+    loader = TokenLoader(tmp_path, batch_size=1, seq_len=99)
+    with pytest.raises(
+        ValueError, match=rf"{shard.name}: token 1299 at position 98 is outside the vocabulary of 300"
+    ):
+        next(loader)

@@ -84,16 +84,25 @@ class TokenLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.batch_size * self.world_size
-        rows = []
+        rows, where = [], []
         for j in range(self.rank, step, self.world_size):
             epoch, i = divmod(self._pos + j, self.num_windows)
             g = self._window(self._epoch + epoch, i)
             s = bisect_right(self._first, g) - 1
             start = (g - self._first[s]) * self.seq_len
             rows.append(self.shards[s][start : start + self.seq_len + 1])
+            where.append((s, start))
         self._epoch += (self._pos + step) // self.num_windows
         self._pos = (self._pos + step) % self.num_windows
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        tokens = np.stack(rows)
+        if tokens.max() >= self.vocab_size:  # the header was checked, the body only here: a flipped bit
+            r, t = np.unravel_index(int(tokens.argmax()), tokens.shape)
+            s, start = where[r]
+            raise ValueError(
+                f"{self.paths[s]}: token {int(tokens[r, t])} at position {start + t} is outside the "
+                f"vocabulary of {self.vocab_size}; the shard is damaged"
+            )
+        batch = torch.from_numpy(tokens.astype(np.int64))
         if self.device.type == "cuda":
             # One pinned copy of the (B, T+1) windows; x and y are views of it on the device.
             batch = batch.pin_memory().to(self.device, non_blocking=True)

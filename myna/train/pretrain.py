@@ -139,6 +139,11 @@ def pretrain(
         val_loader = TokenLoader(
             shards / "val", tcfg.batch_size, tcfg.seq_len, dist.rank, dist.world_size, dist.device
         )
+        if train_loader.vocab_size != tok.vocab_size:
+            raise ValueError(
+                f"{shards}: token shards of a {train_loader.vocab_size}-token vocabulary, but {tok_path} has "
+                f"{tok.vocab_size}; run `myna data tokenize --out {data_dir}` again"
+            )
         bytes_per_token = torch.tensor([len(b) for b in tok.token_bytes], dtype=torch.int64)
         record = train(
             model,
