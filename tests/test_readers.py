@@ -303,6 +303,16 @@ def test_csv_explicit_mapping_and_tsv(tmp_path):
         read_posts(path, options=ReadOptions(csv_columns={"hashtags": 0}))
 
 
+def test_files_of_other_kinds_are_no_post_format(tmp_path):
+    page, plain = tmp_path / "index.html", tmp_path / "part-00000"
+    page.write_text("<html><body>\n<p>hello</p>\n</body></html>\n")
+    plain.write_text("a post\nanother post\n")
+    with pytest.raises(InputFileError, match=r"index\.html: a \.html file, no post format .* \(--format text"):
+        detect_format(page)
+    assert len(read_all(page, fmt="text")[0]) == 3  # the user's word reads it anyway
+    assert detect_format(plain) == "text"
+
+
 def test_text_one_post_per_line(tmp_path):
     texts = [t.replace("\n", " ") for t in archive_texts()[:3]]
     path = tmp_path / "pos.txt.gz"

@@ -118,6 +118,10 @@ def detect_format(path: str | Path) -> str:
         return _sniff_json(path, head)
     if ext in (".json", ".js"):
         raise InputFileError(path, f"{ext} file does not start with JSON (starts {head[:40]!r})")
+    if ext not in ("", ".text"):  # a page, a config, code: text, but not one post a line
+        raise InputFileError(
+            path, f"a {ext} file, no post format Myna knows (--format text reads it as one post a line)"
+        )
     return "text"
 
 
