@@ -230,9 +230,12 @@ def test_empty_weights_file_is_named(run: Path):
     assert "model.safetensors: not a complete safetensors file" in err
 
 
-def test_torn_metrics_line_after_a_kill_does_not_stop_resume(run: Path, sample_data: Path):  # noqa: F811
+def test_what_a_kill_left_does_not_stop_resume_and_is_cleaned(run: Path, sample_data: Path):  # noqa: F811
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "lo')  # the kill came mid-write
+    leftovers = [run / "checkpoints" / name for name in (".tmp_step_00000030", ".trash_step_00000010_4242")]
+    for p in [*leftovers, run / "checkpoints" / "notes"]:
+        p.mkdir()
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))  # the report card draws the rest
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -245,6 +248,7 @@ def test_torn_metrics_line_after_a_kill_does_not_stop_resume(run: Path, sample_d
     assert record["step"] == 22
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 23))
+    assert not any(p.exists() for p in leftovers) and (run / "checkpoints" / "notes").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------

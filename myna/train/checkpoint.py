@@ -75,6 +75,17 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_leftovers(run_dir: str | Path) -> list[Path]:
+    """Delete what a kill during save() left in RUN/checkpoints (a half-written .tmp_step_N, a half-deleted
+    .trash_step_N_PID) and return it; call it before training starts, when nothing else writes there."""
+    root = Path(run_dir) / "checkpoints"
+    leftovers = re.compile(r"^\.(?:tmp_step_\d{8}|trash_step_\d{8}_\d+)$")
+    found = [p for p in root.iterdir() if leftovers.match(p.name) and p.is_dir()] if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RNG states as JSON
 

@@ -224,6 +224,8 @@ def train(
     optimizer = build_optimizer(unwrap(model), cfg)
     compiled = torch.compile(model) if cfg.compile else model
 
+    if dist.is_main and (removed := checkpoint.remove_leftovers(run_dir)):
+        dist.log(f"removed {len(removed)} half-written or half-deleted checkpoint(s) a kill left behind")
     start = 0
     if (ckpt := checkpoint.resume_point(run_dir, resume)) is not None:
         start = _restore(ckpt, model, optimizer, train_loader, dist)
