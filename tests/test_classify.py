@@ -200,6 +200,8 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
     settings = ClassifySettings(
         mode="finetune", epochs=2, evals_per_epoch=1, lr_body=1e-3, lr_head=3e-3, max_len=64
     )
+    killed = tmp_path / ".clf.k1ll3d00.tmp"  # what a save killed midway leaves beside the folder
+    killed.mkdir()
     report = train_classifier(
         run, tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "clf", settings
     )
@@ -214,6 +216,7 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
         "body.safetensors",
         "tokenizer.json",
     }
+    assert not killed.exists()
 
     # predict from the saved folder: one row per input, probabilities over the labels summing to 1, and the
     # reloaded model agrees with the validation score it was chosen by

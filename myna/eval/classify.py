@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from myna.io import atomic_dir, atomic_write, open_binary, read_json
+from myna.io import atomic_dir, atomic_write, open_binary, read_json, remove_stale_temps
 from myna.model import GPT
 from myna.progress import Progress, log
 from myna.runs import Loaded, build_model, load_model, model_config
@@ -621,6 +621,7 @@ def save(trained: Trained, out: str | Path) -> None:
         "model": asdict(m.body.cfg),
         "report": trained.report,
     }
+    remove_stale_temps(out)  # what a killed save of this folder left beside it
     with atomic_dir(out) as tmp:
         head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
         save_file(head, str(tmp / "head.safetensors"))
