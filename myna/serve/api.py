@@ -181,9 +181,8 @@ def parse_json(raw: bytes) -> dict:
         raise _invalid(TOO_DEEP) from e
     except ValueError as e:
         raise _invalid(f"the body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
-    level = [body]
+    # before the type check: whether json.loads itself ran out of stack on a deep body depends on the thread
+    level = [body] if isinstance(body, dict | list) else []
     for _ in range(MAX_JSON_DEPTH):
         level = [
             v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, dict | list)
@@ -192,6 +191,8 @@ def parse_json(raw: bytes) -> dict:
             break
     else:
         raise _invalid(TOO_DEEP)
+    if not isinstance(body, dict):
+        raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
     if b"\\u" in raw:  # only an escape can spell a lone surrogate
         try:
             json.dumps(body, ensure_ascii=False).encode()
