@@ -307,7 +307,9 @@ def test_files_of_other_kinds_are_no_post_format(tmp_path):
     page, plain = tmp_path / "index.html", tmp_path / "part-00000"
     page.write_text("<html><body>\n<p>hello</p>\n</body></html>\n")
     plain.write_text("a post\nanother post\n")
-    with pytest.raises(InputFileError, match=r"index\.html: a \.html file, no post format .* \(--format text"):
+    with pytest.raises(
+        InputFileError, match=r"index\.html: a \.html file, no post format .* \(--format text"
+    ):
         detect_format(page)
     assert len(read_all(page, fmt="text")[0]) == 3  # the user's word reads it anyway
     assert detect_format(plain) == "text"
