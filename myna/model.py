@@ -263,25 +263,20 @@ class GPT(nn.Module):
         n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.n_embd * seq_len
 
-    def forward(
+    def hidden(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         *,
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        return_hidden: bool = False,
-        logits_at: torch.Tensor | None = None,
-    ):
-        """idx [B, T] -> logits [B, T, vocab]; with targets -> (logits, loss); return_hidden -> (that, hidden).
-
-        logits_at [B] picks one position per row: logits are then [B, 1, vocab], computed for those positions
-        only (inference needs the next token of each row's last real position; the rest of the lm_head is waste).
+    ) -> torch.Tensor:
+        """The trunk: idx [B, T] -> final-normed hidden states [B, T, n_embd], without the lm_head.
 
         With a kv_cache, each row continues from its own cached length and this call's keys/values are appended.
         doc_ids [B, T] marks which packed document each token belongs to: attention stays causal and within one
         document, so several conversations share a row without seeing each other. RoPE is relative, so a
-        document packed at offset 200 gets the same attention as one starting at 0.
+        document packed at offset 200 gets the same attention as one starting at 0. An FSDP-sharded model is
+        called through forward, whose hooks gather the root's weights.
         """
         B, T = idx.shape
         start = int(kv_cache.lengths.max()) if kv_cache is not None else 0
@@ -305,19 +300,35 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(T)
-        hidden = self.norm(x)
+        return self.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+    ):
+        """idx [B, T] -> logits [B, T, vocab]; with targets [B, T] (-1 = no target) -> (logits, loss).
+
+        logits_at [B] picks one position per row: logits are then [B, 1, vocab], computed for those positions
+        only (inference needs the next token of each row's last real position; the rest of the lm_head is waste).
+        doc_ids and kv_cache: see hidden.
+        """
+        hidden = self.hidden(idx, doc_ids=doc_ids, kv_cache=kv_cache)
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("logits_at (inference) and targets (training) do not combine")
-            logits = self.lm_head(hidden[torch.arange(B, device=idx.device), logits_at][:, None])
-        else:
-            logits = self.lm_head(hidden)
+            return self.lm_head(hidden[torch.arange(idx.size(0), device=idx.device), logits_at][:, None])
+        logits = self.lm_head(hidden)
+        return logits if targets is None else (logits, lm_loss(logits, targets))
 
-        out = logits
-        if targets is not None:
-            # fp32 loss: bf16 log-softmax over a large vocabulary loses precision
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-            out = (logits, loss)
-        return (out, hidden) if return_hidden else out
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the targets that are not -1 ("mean", or "sum" in nats), in fp32: bf16
+    log-softmax over a large vocabulary loses precision."""
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1, reduction=reduction
+    )

@@ -514,7 +514,7 @@ def test_embed_mean_pools_normalises_and_ignores_padding(lm):
     torch.testing.assert_close(both.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)  # padding beside a longer one is ignored
     with torch.inference_mode():
-        _, hidden = model(torch.tensor([long]), return_hidden=True)
+        hidden = model.hidden(torch.tensor([long]))
     torch.testing.assert_close(
         both[1], torch.nn.functional.normalize(hidden[0].mean(0), dim=0), atol=1e-5, rtol=0
     )

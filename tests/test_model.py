@@ -133,7 +133,8 @@ def test_forward_shapes_hidden_states_and_loss_at_init():
     targets = torch.randint(0, cfg.vocab_size, (3, 40))
     logits = model(idx)
     assert logits.shape == (3, 40, cfg.vocab_size)
-    (logits2, loss), hidden = model(idx, targets, return_hidden=True)
+    logits2, loss = model(idx, targets)
+    hidden = model.hidden(idx)
     assert torch.equal(logits, logits2)
     assert loss.shape == () and abs(loss.item() / math.log(cfg.vocab_size) - 1) < 0.1
     assert hidden.shape == (3, 40, cfg.n_embd)
@@ -141,7 +142,7 @@ def test_forward_shapes_hidden_states_and_loss_at_init():
     # and the lm_head reads exactly them
     assert torch.allclose(hidden.pow(2).mean(-1).sqrt(), torch.ones(3, 40), atol=0.05)
     assert torch.allclose(model.lm_head(hidden), logits)
-    logits3, hidden3 = model(idx, return_hidden=True)
+    logits3, hidden3 = model(idx), model.hidden(idx)
     assert torch.equal(logits3, logits) and torch.equal(hidden3, hidden)
 
 
@@ -218,10 +219,10 @@ def test_kv_cache_hidden_states_and_overflow():
     cfg = small_cfg(n_kv_head=2)
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 6))
-    _, hidden = model(idx, return_hidden=True)
+    hidden = model.hidden(idx)
     cache = KVCache(cfg, batch_size=2, max_len=6)
-    _, h1 = model(idx[:, :4], kv_cache=cache, return_hidden=True)
-    _, h2 = model(idx[:, 4:], kv_cache=cache, return_hidden=True)
+    h1 = model.hidden(idx[:, :4], kv_cache=cache)
+    h2 = model.hidden(idx[:, 4:], kv_cache=cache)
     torch.testing.assert_close(torch.cat([h1, h2], dim=1), hidden, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="KVCache full"):
         model(idx[:, :1], kv_cache=cache)

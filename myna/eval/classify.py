@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from myna.io import atomic_dir, atomic_write, open_binary, read_json, remove_stale_temps
-from myna.model import GPT
+from myna.model import GPT, lm_loss
 from myna.progress import Progress, log
 from myna.runs import Loaded, build_model, load_model, model_config
 from myna.tokenizer import Tokenizer
@@ -268,22 +268,6 @@ def decide(probs: np.ndarray, biases: np.ndarray | None = None, logp: np.ndarray
 # The model
 
 
-def body_hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states [B, T, C] of idx [B, T]: GPT.forward without the lm_head.
-
-    The vocabulary projection is ~40% of a small model's compute and a classifier never needs it. Rows are
-    right-padded: attention is causal, so padding after a text never changes that text's states.
-    """
-    T = idx.size(1)
-    if T > model.cfg.max_seq_len:
-        raise ValueError(f"sequence of {T} tokens > max_seq_len={model.cfg.max_seq_len}")
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = model.tok_emb(idx)
-    for block in model.blocks:
-        x = block(x, cos, sin, None)
-    return model.norm(x)
-
-
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     """[B, T, C] -> [B, C]: mean over each row's first `lengths` positions, or the state at the last of them."""
     if how == "last":
@@ -304,7 +288,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return pool(body_hidden(self.body, idx), lengths, self.pooling)
+        return pool(self.body.hidden(idx), lengths, self.pooling)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(idx, lengths))
@@ -315,8 +299,8 @@ class Classifier(nn.Module):
         targets = torch.full_like(idx, -1)
         targets[:, :-1] = idx[:, 1:]
         targets[torch.arange(idx.size(1), device=idx.device)[None, :] >= lengths[:, None] - 1] = -1
-        (_, lm_loss), hidden = self.body(idx, targets, return_hidden=True)
-        return self.head(pool(hidden, lengths, self.pooling)), lm_loss
+        hidden = self.body.hidden(idx)
+        return self.head(pool(hidden, lengths, self.pooling)), lm_loss(self.body.lm_head(hidden), targets)
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -540,8 +524,8 @@ def _train_finetune(
                     group["lr"] = lr * frac
                 idx, lengths = collate(x_train, b, pad, device)
                 if s.lm_weight:
-                    logits, lm_loss = model.forward_with_lm(idx, lengths)
-                    loss = F.cross_entropy(logits, y[b].to(device), weight=weights) + s.lm_weight * lm_loss
+                    logits, aux = model.forward_with_lm(idx, lengths)
+                    loss = F.cross_entropy(logits, y[b].to(device), weight=weights) + s.lm_weight * aux
                 else:
                     loss = F.cross_entropy(model(idx, lengths), y[b].to(device), weight=weights)
                 opt.zero_grad(set_to_none=True)

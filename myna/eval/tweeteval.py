@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from myna.eval.classify import (
     ClassifySettings,
     Examples,
-    body_hidden,
     class_scores,
     decide,
     fit,
@@ -279,7 +278,7 @@ def lm_label_scores(
             idx = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
             for j, r in enumerate(chunk):
                 idx[j, : len(r[2])] = torch.tensor(r[2])
-            hidden = body_hidden(model, idx.to(device))
+            hidden = model.hidden(idx.to(device))
             for j, (n, k, ids, first) in enumerate(chunk):
                 # position t predicts token t+1: the word's tokens are predicted from positions first-1 .. end-2
                 logp = F.log_softmax(model.lm_head(hidden[j, first - 1 : len(ids) - 1]).float(), -1)

@@ -471,7 +471,7 @@ class Engine:
             for start in range(0, len(ids_batch), EMBED_BATCH):
                 chunk = ids_batch[start : start + EMBED_BATCH]
                 idx, lengths = self._pad(chunk)
-                _, hidden = self.model(idx, return_hidden=True)
+                hidden = self.model.hidden(idx)
                 lengths = torch.tensor(lengths, device=self.device)
                 valid = torch.arange(idx.size(1), device=self.device) < lengths[:, None]
                 summed = (hidden.float() * valid[..., None]).sum(1)

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 import torch
-import torch.nn.functional as F
 import xxhash
 
 from myna.config import ModelConfig, TrainConfig
 from myna.data.readers import ReadOptions, json_records
 from myna.data.schema import Reject
 from myna.io import atomic_write
+from myna.model import lm_loss
 from myna.runs import load_model, read_config, resolve
 from myna.template import check_messages, render
 from myna.tokenizer import Tokenizer
@@ -359,7 +359,7 @@ def assistant_loss_fn(dist: Dist) -> Callable:
     def loss_fn(model, batch):
         x, y, doc = batch
         logits = model(x, doc_ids=doc)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        nats = lm_loss(logits, y, "sum")
         (tokens,) = dist.sum([float((y >= 0).sum())])
         return nats * dist.world_size / max(tokens, 1.0)
 
@@ -377,10 +377,7 @@ def assistant_eval_fn(dist: Dist, max_batches: int) -> Callable:
             x, y, doc = next(val_loader)
             with autocast():
                 logits = model(x, doc_ids=doc)
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum"
-            )
-            nats += float(loss)
+            nats += float(lm_loss(logits, y, "sum"))
             tokens += float((y >= 0).sum())
         model.train()
         nats, tokens = dist.sum([nats, tokens])
