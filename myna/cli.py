@@ -373,7 +373,6 @@ def cmd_classify(args: argparse.Namespace) -> None:
             args.out,
             ClassifySettings(mode=args.mode, **finetune_settings(args)),
             device=args.device,
-            body_from=args.body_from,
         )
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -418,7 +417,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks=tasks,
         seeds=args.seeds,
         seed_choice=args.seed_choice,
-        body_from=args.body_from,
         chat_prompts=args.chat_prompts,
         device=args.device,
     )
@@ -459,12 +457,6 @@ def finetune_flags(sp: argparse.ArgumentParser) -> None:
     """The classifier settings `classify train` and `eval` share."""
     sp.add_argument("--epochs", type=int, help="finetune: epochs at most (default 5; early-stopped on val)")
     sp.add_argument(
-        "--decision",
-        choices=["argmax", "tuned"],
-        default="argmax",
-        help="classifier labels: the most probable class, or argmax after per-class offsets tuned on val to the metric",
-    )
-    sp.add_argument(
         "--lm-weight",
         type=float,
         help="finetune: weight of the auxiliary next-token loss (default 0.5; 0 = off)",
@@ -477,12 +469,6 @@ def finetune_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--lr-head", type=float, help="finetune: peak learning rate of the fresh head (default 3e-3)"
     )
-    sp.add_argument(
-        "--body-from",
-        metavar="CLASSIFIER",
-        help="finetune: start from this fine-tuned classifier's body instead of the checkpoint's "
-        "(intermediate-task transfer; same shape and tokenizer)",
-    )
 
 
 def finetune_settings(args: argparse.Namespace) -> dict:
@@ -493,7 +479,7 @@ def finetune_settings(args: argparse.Namespace) -> dict:
         "lr_body": args.lr_body,
         "lr_head": args.lr_head,
     }
-    return {"decision": args.decision, **{k: v for k, v in given.items() if v is not None}}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

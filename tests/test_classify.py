@@ -14,16 +14,15 @@ from myna.eval.classify import (
     ClassifySettings,
     Examples,
     class_scores,
-    decide,
     ece,
     fit,
     fit_temperature,
     label_vocab,
+    load,
     macro_f1,
     predict_file,
     read_examples,
     train_classifier,
-    tune_biases,
 )
 from myna.eval.tweeteval import load_split
 from myna.runs import load_model
@@ -171,24 +170,6 @@ def test_ece_and_temperature_by_hand():
     assert nll(logits / t, torch.tensor(gold)) < nll(logits, torch.tensor(gold))
 
 
-def test_tuned_biases_lift_a_rare_class_that_argmax_never_predicts():
-    # class 1 is a fifth of the rows; its probability is higher on its own rows but never above 0.5
-    rng = np.random.default_rng(0)
-    gold = np.array([1] * 200 + [0] * 800)
-    p1 = np.clip(np.where(gold == 1, 0.4, 0.15) + rng.normal(0, 0.08, gold.size), 0.01, 0.49)
-    probs = np.stack([1 - p1, p1], 1)
-    assert decide(probs).sum() == 0  # plain argmax: class 1 is never predicted
-    b = tune_biases(probs, gold.tolist(), macro_f1)
-    assert (
-        macro_f1(gold.tolist(), decide(probs, b).tolist())
-        > macro_f1(gold.tolist(), decide(probs).tolist()) + 0.2
-    )
-    assert b[1] - b[0] > 0  # the offset favours the rare class
-    # rows that argmax already gets all right give no reason to move: the offsets stay zero
-    clean = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    assert tune_biases(clean, [0, 1, 0, 1], macro_f1).tolist() == [0.0, 0.0]
-
-
 # --- training on real data -----------------------------------------------------------------------------------------
 
 
@@ -229,6 +210,16 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
     score = macro_f1([r["gold"] for r in rows], [r["label"] for r in rows])
     assert score == pytest.approx(report["val_metric"], abs=1e-9)
+
+    # a folder saved before the `decision` setting was removed: argmax loads as before, tuned offsets are refused
+    for decision, loads in (("argmax", True), ("tuned", False)):
+        saved["settings"]["decision"] = decision
+        (tmp_path / "clf" / "classifier.json").write_text(json.dumps(saved))
+        if loads:
+            assert load(tmp_path / "clf").labels == saved["labels"]
+        else:
+            with pytest.raises(ValueError, match="decision 'tuned', which Myna no longer applies"):
+                load(tmp_path / "clf")
 
 
 def test_the_auxiliary_lm_loss_is_the_models_own_loss_on_the_unpadded_texts(run: Path, sentiment):
@@ -276,8 +267,7 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
         )
 
     trained = myna("train", "--ckpt", str(run), "--train", str(tmp_path / "train.jsonl"), "--val",
-                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe",
-                   "--decision", "tuned")  # fmt: skip
+                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe")  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     predicted = myna("predict", "--model", str(tmp_path / "clf"), "--input", str(tmp_path / "val.jsonl"),
                      "--out", str(tmp_path / "pred.jsonl"))  # fmt: skip
@@ -285,13 +275,10 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == 100 and all(r["label"] in names for r in rows)
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
-    # the labels are the argmax after the offsets tuned on val, which the folder keeps
-    folder = json.loads((tmp_path / "clf" / "classifier.json").read_text())
-    order, biases = folder["labels"], folder["biases"]  # the classifier's own label order
-    assert any(biases)
+    # the labels are the most probable classes
+    order = json.loads((tmp_path / "clf" / "classifier.json").read_text())["labels"]  # the classifier's order
     probs = np.array([[r["probabilities"][n] for n in order] for r in rows])
-    assert [r["label"] for r in rows] == [order[k] for k in decide(probs, np.array(biases))]
-    assert [r["label"] for r in rows] != [order[k] for k in probs.argmax(1)]
+    assert [r["label"] for r in rows] == [order[k] for k in probs.argmax(1)]
     missing = myna("train", "--ckpt", str(run))
     assert missing.returncode != 0 and "--train, --val and --out are required" in missing.stderr
 
@@ -302,51 +289,7 @@ def test_the_finetune_flags_of_classify_train_and_eval_reach_the_settings():
     parser = build_parser()
     args = parser.parse_args(["classify", "train", "--lr-body", "1e-3", "--lm-weight", "0.25"])
     s = ClassifySettings(mode=args.mode, **finetune_settings(args))
-    assert args.body_from is None
-    assert (s.lr_body, s.lm_weight, s.lr_head, s.decision) == (1e-3, 0.25, ClassifySettings.lr_head, "argmax")
-    args = parser.parse_args(
-        ["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0", "--decision", "tuned", "--body-from", "clf"]
-    )
+    assert (s.lr_body, s.lm_weight, s.lr_head) == (1e-3, 0.25, ClassifySettings.lr_head)
+    args = parser.parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0"])
     s = ClassifySettings(**finetune_settings(args))
-    assert (s.lr_head, s.lm_weight, s.lr_body, s.decision) == (1e-2, 0.0, ClassifySettings.lr_body, "tuned")
-    assert args.body_from == "clf"
-
-
-def test_a_fine_tune_starts_from_another_classifiers_body_and_bad_folders_are_refused(
-    run: Path, sentiment, tmp_path: Path
-):
-    from safetensors.torch import load_file
-
-    from myna.eval.classify import load_body
-
-    train, val = sentiment
-    names = ["negative", "neutral", "positive"]
-    _write_jsonl(tmp_path / "train.jsonl", _first(train, 200), names)
-    _write_jsonl(tmp_path / "val.jsonl", _first(val, 100), names)
-    files = (run, tmp_path / "train.jsonl", tmp_path / "val.jsonl")
-    quick = ClassifySettings(epochs=1, evals_per_epoch=1, lr_body=1e-3, max_len=32)
-    train_classifier(*files, tmp_path / "first", quick)
-    first = load_file(str(tmp_path / "first" / "body.safetensors"))
-    pretrained = load_model(run).model.state_dict()
-    assert any(not torch.equal(v, pretrained[k]) for k, v in first.items())
-
-    base = load_model(run)
-    load_body(tmp_path / "first", base)
-    assert all(torch.equal(base.model.state_dict()[k], v) for k, v in first.items())
-    # a body that cannot move (lr 0, no weight decay step) ends where it started: the first classifier's body
-    frozen = ClassifySettings(epochs=1, evals_per_epoch=1, lr_body=0.0, lm_weight=0.0, max_len=32)
-    report = train_classifier(*files, tmp_path / "second", frozen, body_from=tmp_path / "first")
-    second = load_file(str(tmp_path / "second" / "body.safetensors"))
-    assert all(torch.equal(second[k], v) for k, v in first.items())
-    assert report["body_from"] == str((tmp_path / "first").resolve())
-
-    train_classifier(*files, tmp_path / "probe", ClassifySettings(mode="probe", probe_epochs=5, max_len=32))
-    with pytest.raises(ValueError, match="a probe has no fine-tuned body"):
-        load_body(tmp_path / "probe", load_model(run))
-    with pytest.raises(FileNotFoundError, match="not a classifier folder"):
-        load_body(tmp_path, load_model(run))
-    config = json.loads((tmp_path / "first" / "classifier.json").read_text())
-    config["model"]["n_layer"] += 1
-    (tmp_path / "first" / "classifier.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="its body has shape"):
-        load_body(tmp_path / "first", load_model(run))
+    assert (s.lr_head, s.lm_weight, s.lr_body) == (1e-2, 0.0, ClassifySettings.lr_body)

@@ -155,11 +155,11 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(
 ):
     from dataclasses import replace
 
-    from myna.eval.classify import decide, fit, predict_proba
+    from myna.eval.classify import fit, predict_proba
     from myna.runs import load_model
 
     run = tiny_run(tmp_path_factory.getbasetemp())
-    s = ClassifySettings(epochs=1, max_len=48, decision="tuned")
+    s = ClassifySettings(epochs=1, max_len=48)
     result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
     train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
     test = load_split(DATA, "irony", "test")
@@ -168,45 +168,17 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(
     probs = [predict_proba(m, test.texts) for m in members]
     val_probs = [predict_proba(m, val.texts) for m in members]
     # each member is the classifier its seed trains alone; the written predictions are their averaged
-    # probabilities' argmax after the offsets tuned on val, and the averaged probabilities are saved beside them
-    detail = result["tasks"]["irony"]
+    # probabilities' argmax, and the averaged probabilities are saved beside them
     average = (probs[0] + probs[1]) / 2
-    expected = decide(average, np.array(detail["biases"]))
+    expected = average.argmax(1)
     written = (tmp_path / "predictions" / "irony.txt").read_text().split()
     assert [int(p) for p in written] == expected.tolist()
     saved = np.load(tmp_path / "probabilities" / "irony.npz")
     np.testing.assert_allclose(saved["test"], average, rtol=1e-5)
     np.testing.assert_allclose(saved["val"], (val_probs[0] + val_probs[1]) / 2, rtol=1e-5)
     assert saved["val"].shape == (len(val.texts), 2) and saved["val_gold"].tolist() == val.labels
-    assert detail["val_metric_tuned"] >= detail["val_metric"] and "tuned decision" in result["mode"]
     assert not (probs[0].argmax(1) == probs[1].argmax(1)).all()  # the seeds differ, so the average matters
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]
-
-
-def test_body_from_starts_every_task_from_a_fine_tuned_classifiers_body(
-    one_thread, tmp_path_factory, tmp_path: Path
-):
-    from myna.eval.classify import decide, fit, load_body, predict_proba, save
-    from myna.runs import load_model
-
-    run = tiny_run(tmp_path_factory.getbasetemp())
-    s = ClassifySettings(epochs=1, max_len=48)
-    train, val = load_split(DATA, "hate", "train", 80), load_split(DATA, "hate", "val")
-    metric = lambda g, p: task_metric("hate", g, p)  # noqa: E731
-    save(fit(load_model(run), train, val, s, metric, [0, 1]), tmp_path / "hate")
-    out = tmp_path / "eval"
-    result = run_tweeteval(
-        run, DATA, out, train_cap=80, settings=s, tasks=("irony",), body_from=tmp_path / "hate"
-    )
-    # the same fit by hand, from the hate classifier's body
-    base = load_model(run)
-    load_body(tmp_path / "hate", base)
-    train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
-    by_hand = fit(base, train, val, s, lambda g, p: task_metric("irony", g, p), [0, 1])
-    expected = decide(predict_proba(by_hand, load_split(DATA, "irony", "test").texts))
-    written = (out / "predictions" / "irony.txt").read_text().split()
-    assert [int(p) for p in written] == expected.tolist()
-    assert result["body_from"] == str((tmp_path / "hate").resolve()) and "body from" in result["mode"]
 
 
 def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
@@ -214,7 +186,7 @@ def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
 ):
     from dataclasses import replace
 
-    from myna.eval.classify import decide, fit, predict_proba
+    from myna.eval.classify import fit, predict_proba
     from myna.runs import load_model
 
     run = tiny_run(tmp_path_factory.getbasetemp())
@@ -226,7 +198,7 @@ def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
     metric = lambda g, p: task_metric("stance", g, p)  # noqa: E731
     members = [fit(load_model(run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
     test = load_split(DATA, "stance", "test")
-    preds = [decide(predict_proba(m, test.texts)).tolist() for m in members]
+    preds = [predict_proba(m, test.texts).argmax(1).tolist() for m in members]
     scores = [m.report["val_metric"] for m in members]
     assert scores[0] != scores[1] and preds[0] != preds[1]  # the choice matters
     best = scores.index(max(scores))

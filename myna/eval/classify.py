@@ -8,10 +8,9 @@ Two modes:
 Pooling is the mean of the final-normed hidden states over the real (non-pad) tokens, or the last token's state.
 Training stops early on the validation metric (macro-F1 unless the caller gives another); the best epoch's weights
 are kept. A temperature fitted on val (Guo et al. 2017) makes the softmax probabilities calibrated; the expected
-calibration error before and after is reported. With decision "tuned", per-class offsets to the log-probabilities
-are fitted on val to the metric too (tune_biases): the label is argmax(log p + b), the probabilities stay calibrated.
+calibration error before and after is reported. The label is the most probable class.
 
-A trained classifier is a folder: classifier.json (labels, settings, offsets, metrics, base checkpoint, model shape),
+A trained classifier is a folder: classifier.json (labels, settings, metrics, base checkpoint, model shape),
 head.safetensors, body.safetensors (finetune only; a probe reads its frozen body from the base checkpoint) and the
 tokenizer.json it was trained with.
 """
@@ -219,51 +218,6 @@ def fit_temperature(logits: torch.Tensor, gold: Sequence[int]) -> float:
     return t if math.isfinite(t) else 1.0
 
 
-def tune_biases(
-    probs: np.ndarray,
-    gold: Sequence[int],
-    metric: Callable[[list[int], list[int]], float],
-    span: float = 2.0,
-    steps: int = 41,
-    sweeps: int = 3,
-) -> np.ndarray:
-    """Per-class offsets b to the log-probabilities, chosen on held-out data so that argmax(log p + b) scores best.
-
-    Argmax of calibrated probabilities is the rule for accuracy; macro-F1, macro-recall and the F1 of one class
-    reward predicting the rarer classes more often than that. Coordinate ascent over offsets in [-span, span], a
-    few sweeps over the classes; an offset moves only when the metric strictly improves (among equal scores the
-    smallest offset wins), so data that gives no reason keeps the plain argmax.
-    """
-    logp = np.log(np.clip(probs, 1e-12, None))
-    gold = list(gold)
-    grid = np.linspace(-span, span, steps)
-    b = np.zeros(probs.shape[1])
-    best = metric(gold, decide(probs, b, logp).tolist())
-    for _ in range(sweeps):
-        moved = False
-        for k in range(len(b)):
-            trial = b.copy()
-            scores = []
-            for g in grid:
-                trial[k] = g
-                scores.append(metric(gold, decide(probs, trial, logp).tolist()))
-            top = max(scores)
-            if top > best:
-                b[k] = min((g for g, sc in zip(grid, scores, strict=True) if sc == top), key=abs)
-                best, moved = top, True
-        if not moved:
-            break
-    return b
-
-
-def decide(probs: np.ndarray, biases: np.ndarray | None = None, logp: np.ndarray | None = None) -> np.ndarray:
-    """Class index of each row: argmax of log p + biases (plain argmax without biases)."""
-    if biases is None:
-        return probs.argmax(1)
-    logp = np.log(np.clip(probs, 1e-12, None)) if logp is None else logp
-    return (logp + biases).argmax(1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -358,8 +312,6 @@ class ClassifySettings:
     # finetune: weight of an auxiliary next-token loss on the training texts (keeps the body a language model of
     # the task's text while it learns the labels; it raised val emotion 0.488 -> 0.500 and irony 0.750 -> 0.769)
     lm_weight: float = 0.5
-    # "argmax": the most probable class; "tuned": argmax of log p plus per-class offsets fitted on val to the metric
-    decision: str = "argmax"
     max_len: int = 128  # tokens per text, bos included
     batch_tokens: int = 1024  # padded token slots per training batch (~30 tweets)
     seed: int = 0
@@ -374,7 +326,6 @@ class Trained:
     temperature: float
     base: str  # the checkpoint the body came from
     report: dict
-    biases: list[float] | None = None  # decision "tuned": the offsets added to log p before argmax
     # fit's calibrated val probabilities (rows in val order), for ensembles; None once loaded
     val_probs: np.ndarray | None = None
 
@@ -434,8 +385,6 @@ def fit(
     s = settings or ClassifySettings()
     if s.mode not in ("finetune", "probe"):
         raise ValueError(f"mode={s.mode!r}: expected 'finetune' or 'probe'")
-    if s.decision not in ("argmax", "tuned"):
-        raise ValueError(f"decision={s.decision!r}: expected 'argmax' or 'tuned'")
     labels = list(labels) if labels is not None else label_vocab(train)
     if len(labels) < 2:
         raise ValueError(f"{train.source}: only one label ({labels[0]!r}); a classifier needs two or more")
@@ -469,9 +418,6 @@ def fit(
     before = ece(val_logits.softmax(-1).numpy(), y_val)
     after = ece(val_probs, y_val)
     best = max(history, key=lambda h: h["val_metric"])
-    biases = None
-    if s.decision == "tuned":
-        biases = tune_biases(val_probs, y_val, on_labels).tolist()
     report = {
         "val_metric": best["val_metric"],
         "best_check": best["check"],
@@ -483,15 +429,12 @@ def fit(
         "val_rows": len(y_val),
         "train_seconds": round(train_s, 1),
     }
-    if biases is not None:
-        report["biases"] = [round(b, 3) for b in biases]
-        report["val_metric_tuned"] = on_labels(y_val, decide(val_probs, np.array(biases)).tolist())
     log(
         f"classifier ({s.mode}, {s.pooling} pooling): val metric {best['val_metric']:.4f} at check "
         f"{best['check']}; T={temperature:.3f}, val ECE {before:.4f} -> {after:.4f}; {train_s:.0f} s"
     )
     base_ckpt = str(Path(base.checkpoint).resolve())
-    return Trained(model.eval(), tok, labels, s, temperature, base_ckpt, report, biases, val_probs)
+    return Trained(model.eval(), tok, labels, s, temperature, base_ckpt, report, val_probs)
 
 
 def _train_finetune(
@@ -599,7 +542,6 @@ def save(trained: Trained, out: str | Path) -> None:
         "mode": trained.settings.mode,
         "labels": trained.labels,
         "temperature": trained.temperature,
-        "biases": trained.biases,
         "base": trained.base,
         "settings": asdict(trained.settings),
         "model": asdict(m.body.cfg),
@@ -636,8 +578,13 @@ def _read_config(model_dir: Path) -> dict:
         raise ValueError(f"{cfg_path}: 'labels' must be a list of at least two distinct labels")
     if not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
         raise ValueError(f"{cfg_path}: 'temperature' must be a positive number, got {temperature!r}")
+    settings = dict(config["settings"]) if isinstance(config["settings"], dict) else {}
+    if settings.pop("decision", "argmax") != "argmax":  # a setting that lost every measurement, then removed
+        raise ValueError(
+            f"{cfg_path}: trained with decision 'tuned', which Myna no longer applies; retrain it"
+        )
     try:
-        config["settings"] = ClassifySettings(**config["settings"])
+        config["settings"] = ClassifySettings(**settings)
     except TypeError as e:
         raise ValueError(f"{cfg_path}: 'settings': {e}") from None
     return config
@@ -666,7 +613,6 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Trained:
         config["temperature"],
         config["base"],
         config["report"],
-        config.get("biases"),  # a folder from before the `decision` setting has none: argmax
     )
 
 
@@ -674,33 +620,6 @@ def _read_body(model_dir: Path, body: GPT) -> None:
     # lm_head is not stored: tied to tok_emb, or unused by a classifier
     expected = {k: v for k, v in body.state_dict().items() if not k.startswith("lm_head.")}
     body.load_state_dict(read_tensors(model_dir / "body.safetensors", specs(expected)), strict=False)
-
-
-def load_body(model_dir: str | Path, base: Loaded) -> None:
-    """Put a fine-tuned classifier's body in place of base's weights: intermediate-task transfer.
-
-    A body first fine-tuned on a large labelled task starts the fine-tune of a smaller related one (Phang et al.
-    2018, "STILTs"; DeepMoji's emoji prediction as the intermediate task for emotion and sarcasm). The classifier
-    must come from a base of the same shape and tokenizer; its head is not used.
-    """
-    model_dir = Path(model_dir)
-    config = _read_config(model_dir)
-    if config["settings"].mode != "finetune":
-        raise ValueError(f"{model_dir}: a probe has no fine-tuned body; train it with --mode finetune")
-    if config["model"] != asdict(base.config):
-        raise ValueError(f"{model_dir}: its body has shape {config['model']}, the base {asdict(base.config)}")
-    tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-    if (tok.token_bytes, tok.special_ids) != (base.tokenizer.token_bytes, base.tokenizer.special_ids):
-        raise ValueError(f"{model_dir}/tokenizer.json: not the tokenizer of {base.run_dir}")
-    _read_body(model_dir, base.model)
-
-
-def load_base(ckpt: str | Path, device: str = "cpu", body_from: str | Path | None = None) -> Loaded:
-    """The model a classifier starts from: the checkpoint's, with the body of classifier `body_from` if given."""
-    base = load_model(ckpt, device)
-    if body_from is not None:
-        load_body(body_from, base)
-    return base
 
 
 def predict_proba(trained: Trained, texts: Sequence[str]) -> np.ndarray:
@@ -717,14 +636,10 @@ def train_classifier(
     out: str | Path,
     settings: ClassifySettings | None = None,
     device: str = "cpu",
-    body_from: str | Path | None = None,
 ) -> dict:
-    """`myna classify train`: files in, classifier folder out; returns the training report. `body_from`: a
-    fine-tuned classifier folder whose body (not the checkpoint's) the fine-tune starts from (load_body)."""
+    """`myna classify train`: files in, classifier folder out; returns the training report."""
     train_ex, val_ex = read_examples(train), read_examples(val)
-    trained = fit(load_base(ckpt, device, body_from), train_ex, val_ex, settings)
-    if body_from is not None:
-        trained.report["body_from"] = str(Path(body_from).resolve())
+    trained = fit(load_model(ckpt, device), train_ex, val_ex, settings)
     save(trained, out)
     return trained.report
 
@@ -733,15 +648,13 @@ def predict_file(
     model_dir: str | Path, input: str | Path, out: str | Path | None = None, device: str = "cpu"
 ) -> int:
     """`myna classify predict`: one JSON line per input row ({"label", "probabilities": {label: p}}, plus the
-    gold "gold" when the input has labels), to `out` (atomically) or stdout; returns the row count. The label is the
-    argmax, after the classifier's tuned offsets if it has them."""
+    gold "gold" when the input has labels), to `out` (atomically) or stdout; returns the row count."""
     trained = load(model_dir, device)
     ex = read_examples(input, require_labels=False)
     probs = predict_proba(trained, ex.texts)
-    picks = decide(probs, None if trained.biases is None else np.array(trained.biases))
     names = [str(x) for x in trained.labels]
     rows = []
-    for p, k, gold in zip(probs, picks, ex.labels, strict=True):
+    for p, k, gold in zip(probs, probs.argmax(1), ex.labels, strict=True):
         row = {
             "label": trained.labels[int(k)],
             "probabilities": dict(zip(names, map(float, p), strict=True)),

@@ -267,7 +267,6 @@ def evaluate_run(
     tasks: Sequence[str] = TASKS,
     seeds: int = 1,
     seed_choice: str = "average",
-    body_from: str | Path | None = None,
     chat_prompts: int = 200,
     chat_max_tokens: int = CHAT_MAX_TOKENS,
     val_tokens: int = VAL_TOKENS,
@@ -277,8 +276,7 @@ def evaluate_run(
 
     tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
     (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged or, with seed_choice "best",
-    the one val scores highest kept; each fine-tune starts from the body of the classifier folder `body_from` when
-    given), "lm" (label words scored by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap
+    the one val scores highest kept), "lm" (label words scored by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap
     keep the first rows of each train / test set (None: all; a capped test set is not comparable to the published
     rows). TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
     """
@@ -344,7 +342,6 @@ def evaluate_run(
             device=device,
             seeds=seeds,
             seed_choice=seed_choice,
-            body_from=body_from,
         )
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)
@@ -358,7 +355,6 @@ def evaluate_run(
         "tasks": list(tasks),
         "seeds": seeds,
         "seed_choice": seed_choice,
-        "body_from": None if body_from is None else str(body_from),
         "chat_prompts": chat_prompts,
         "chat_max_tokens": chat_max_tokens,
         "val_tokens": val_tokens,

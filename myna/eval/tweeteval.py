@@ -24,16 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from myna.eval.classify import (
-    ClassifySettings,
-    Examples,
-    class_scores,
-    decide,
-    fit,
-    load_base,
-    predict_proba,
-    tune_biases,
-)
+from myna.eval.classify import ClassifySettings, Examples, class_scores, fit, predict_proba
 from myna.io import atomic_write, open_binary
 from myna.progress import Progress, log
 from myna.runs import load_model
@@ -322,18 +313,15 @@ def run_tweeteval(
     tasks: Sequence[str] = TASKS,
     device: str = "cpu",
     seeds: int = 1,
-    body_from: str | Path | None = None,
     seed_choice: str = "average",
 ) -> dict:
     """Score a run (or checkpoint) on TweetEval; returns {"scores": {task: %, "ALL": %}, "notes", "tasks": ...}.
 
     mode "classifier": a classifier per task (classify.fit with `settings`, fine-tuned or a probe: trained on train
-    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test). Each fine-tune starts from
-    the run's model, or from the body of the fine-tuned classifier folder `body_from` (classify.load_body). `seeds`
-    > 1 trains that many from seeds settings.seed, settings.seed + 1, ... and averages their calibrated
-    probabilities, or with seed_choice "best" keeps the one whose val metric is highest (random restarts, as BERT
-    did on its small tasks); settings.decision "tuned" fits the offsets of classify.tune_biases to the resulting
-    probabilities on val. Val and test probabilities go to OUT/probabilities/TASK.npz.
+    capped at `train_cap` rows, early-stopped on the task metric on val, scored on test), each fine-tuned from
+    the run's model. `seeds` > 1 trains that many from seeds settings.seed, settings.seed + 1, ... and averages
+    their calibrated probabilities, or with seed_choice "best" keeps the one whose val metric is highest (random
+    restarts, as BERT did on its small tasks). Val and test probabilities go to OUT/probabilities/TASK.npz.
     mode "lm": zero-shot (shots=0) or few-shot label-word scoring by LM likelihood.
     `test_cap` scores the first rows of each test set only (a quick look; not comparable to published rows).
     Predictions go to OUT/predictions in upstream's layout and the result to OUT/result.json.
@@ -357,10 +345,10 @@ def run_tweeteval(
             members = [
                 fit(
                     # fine-tuning changes the model: a fresh copy per classifier
-                    load_base(run, device, body_from),
+                    load_model(run, device),
                     train,
                     val,
-                    replace(s, seed=s.seed + i, decision="argmax"),  # the ensemble decides, below
+                    replace(s, seed=s.seed + i),
                     metric=lambda g, p, task=task: task_metric(task, g, p),
                     labels=classes,
                 )
@@ -386,13 +374,8 @@ def run_tweeteval(
                 return task_metric(task, [classes[i] for i in g], [classes[i] for i in p])
 
             y_val = [classes.index(y) for y in val.labels]
-            detail["val_metric"] = on_ids(y_val, decide(val_probs).tolist())
-            biases = None
-            if s.decision == "tuned":
-                biases = tune_biases(val_probs, y_val, on_ids)
-                detail["biases"] = biases.round(3).tolist()
-                detail["val_metric_tuned"] = on_ids(y_val, decide(val_probs, biases).tolist())
-            pred = [classes[i] for i in decide(probs, biases)]
+            detail["val_metric"] = on_ids(y_val, val_probs.argmax(1).tolist())
+            pred = [classes[i] for i in probs.argmax(1)]
             # the probabilities stay with the predictions: other decision rules need no retraining
             with atomic_write(out / "probabilities" / f"{task}.npz", "wb") as f:
                 np.savez(f, classes=np.array(classes), val=val_probs, val_gold=np.array(y_val), test=probs)
@@ -414,18 +397,13 @@ def run_tweeteval(
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
         "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
         "run": str(run),
-        "mode": f"classifier ({s.mode}{_seeds_phrase(seeds, seed_choice)}"
-        + (", body from a fine-tuned classifier" if body_from is not None else "")
-        + (", tuned decision)" if s.decision == "tuned" else ")")
+        "mode": f"classifier ({s.mode}{_seeds_phrase(seeds, seed_choice)})"
         if mode == "classifier"
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
         "seeds": seeds if mode == "classifier" else None,
         "seed_choice": seed_choice if mode == "classifier" else None,
-        "body_from": str(Path(body_from).resolve())
-        if body_from is not None and mode == "classifier"
-        else None,
         "settings": asdict(s) if mode == "classifier" else None,
         "tasks": per_task,
     }
