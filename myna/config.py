@@ -210,10 +210,8 @@ def _tiny(vocab: int) -> tuple[ModelConfig, TrainConfig]:
 
 
 def _cpu(vocab: int) -> tuple[ModelConfig, TrainConfig]:
-    # ~10 minutes of 2 CPU cores in fp32 (0.74 s/step measured; bf16 autocast was 20x slower on this AVX2
-    # CPU): ~1.4M tokens, far short of 20 tokens/param, so the lr is set for a short horizon rather than by
-    # the width rule, and the batch is small because more updates won at equal tokens (batch 8 x 200 steps
-    # reached val loss 6.17 vs 6.56 for batch 16 x 100 steps on sentiment140).
+    # About 10 minutes of 2 CPU cores in fp32 (README): far short of 20 tokens/param, so the lr is set for a
+    # short horizon rather than by the width rule, and the batch is small because more updates won at equal tokens.
     model = ModelConfig(
         vocab_size=vocab, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=704, max_seq_len=256
     )

@@ -13,8 +13,8 @@ whole-piece shortcut tiktoken takes. `Tokenizer` only builds the tiktoken path w
 structure, otherwise every call goes through HF.
 
 Special tokens hold ids 0..7 in SPECIAL_TOKENS order. `encode` treats their strings in user text as ordinary text
-(HF's encode_special_tokens is on, and the split pattern never yields a piece that spells one), so only chat-template code, which appends the ids
-directly, can put a special token into a sequence.
+(HF's encode_special_tokens is on, and the split pattern never yields a piece that spells one), so only
+chat-template code, which appends the ids directly, can put a special token into a sequence.
 """
 
 import json

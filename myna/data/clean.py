@@ -247,7 +247,8 @@ def _repetition_reason(text: str, n_tokens: int, cfg: CleanConfig) -> str | None
 
 
 def _clean_one(post: dict, cfg: CleanConfig, pii: Counter) -> tuple[str, str] | str:
-    """(clean text, lang) for a kept post, or the drop reason. Reads `text`, `lang`, `repost_of_id`, `id`, `source`."""
+    """(clean text, lang) for a kept post, or the drop reason. Reads `text`, `lang`, `repost_of_id`, `id` and
+    `source`."""
     raw = post["text"]
     if not isinstance(raw, str):
         raise TypeError(

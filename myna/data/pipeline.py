@@ -11,7 +11,7 @@ Layout of a data directory:
                          file that could not be read or holds no post format: scope "file", file, reason
     conversations.jsonl  dialogues read from conversation files (customer-care threads and the like)
     clean/               posts after the filters of myna.data.clean, as Parquet parts (intermediate)
-    corpus.parquet       clean.parquet minus duplicates, with a `split` column ("train" or "val")
+    corpus.parquet       the clean posts minus duplicates, with a `split` column ("train" or "val")
     funnel.json          input = kept + sum(dropped) + rejected, with a count per reason; files read and rejected
     dialogues.jsonl      OpenAI-messages dialogues from reply trees and conversation files
     prefs.jsonl          preference pairs from sibling replies' likes

@@ -276,9 +276,9 @@ def evaluate_run(
 
     tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
     (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged or, with seed_choice "best",
-    the one val scores highest kept), "lm" (label words scored by LM likelihood, `shots` examples), "both" or "none". train_cap / test_cap
-    keep the first rows of each train / test set (None: all; a capped test set is not comparable to the published
-    rows). TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
+    the one val scores highest kept), "lm" (label words scored by LM likelihood, `shots` examples), "both" or
+    "none". train_cap / test_cap keep the first rows of each train / test set (None: all; a capped test set is not
+    comparable to the published rows). TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
     """
     if tweeteval_mode not in MODES:
         raise ValueError(f"tweeteval_mode={tweeteval_mode!r}: expected one of {', '.join(MODES)}")

@@ -138,7 +138,8 @@ def load_split(data_dir: str | Path, task: str, split: str, cap: int | None = No
 def gold_and_predictions(
     data_dir: str | Path, predictions_dir: str | Path, task: str
 ) -> tuple[list[str], list[str]]:
-    """Test gold labels and a predictions folder's labels for one task (upstream layout: TASK.txt, stance/TARGET.txt)."""
+    """Test gold labels and a predictions folder's labels for one task (upstream layout: TASK.txt and
+    stance/TARGET.txt)."""
     data_dir, pred_dir = Path(data_dir), Path(predictions_dir)
     known = set(mapping(data_dir, task))
     gold: list[str] = []

@@ -41,9 +41,8 @@ EMBED_BATCH = 32  # sequences per embedding forward
 def set_cpu_threads(device: str | torch.device) -> None:
     """Serve from one torch thread on CPU unless OMP_NUM_THREADS says otherwise (process-wide; call at start-up).
 
-    Measured on the 2-core reference machine, `cpu` preset, one batch-8 decode step: 6.6 ms on 1 thread and 11.6 ms
-    on 2 when the forward runs in the engine's scheduler thread (its OpenMP team contends with the main thread's),
-    and 6.7 vs 7.3 ms in the main thread: decode matmuls this small gain nothing from a second thread.
+    Decode matmuls this small gain nothing from a second thread, and in the engine's scheduler thread its OpenMP
+    team contends with the main thread's (README, Serving).
     """
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
@@ -310,7 +309,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor) -> to
 def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Mask (to -inf) every logit below its row's cut: the k-th largest, then the smallest set of mass >= top_p.
 
-    A full sort of the vocabulary is slow (on CPU, torch sorts 8 x 8192 logits in ~9 ms), yet top-p rarely
+    A full sort of the vocabulary is slow on CPU, yet top-p rarely
     reaches far down a trained model's ranking: rank only the n best candidates (topk), and double n while a
     row's nucleus may extend past them. Probabilities stay those of the whole (top-k) distribution.
     """

@@ -436,8 +436,9 @@ def resume_point(run_dir: str | Path, resume: bool | str) -> Path | None:
         return latest(run_dir)
     found = {p.name: p for p in list_checkpoints(run_dir)}
     if resume not in found:
+        where = Path(run_dir) / "checkpoints"
         raise CheckpointError(
-            f"{Path(run_dir) / 'checkpoints'}: no finished checkpoint {resume!r}; found {', '.join(found) or 'none'}"
+            f"{where}: no finished checkpoint {resume!r}; found {', '.join(found) or 'none'}"
         )
     return found[resume]
 

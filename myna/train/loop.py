@@ -59,11 +59,8 @@ def peak_flops(device: torch.device) -> float | None:
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for cfg.dtype (None = plain fp32).
 
-    "auto" is bf16 on CUDA and fp32 on CPU. Measured on 2-core CPUs with bench/train_cpu.py: without bf16
-    instructions (AVX2) a `cpu`-preset step took 14.8 s under bf16 autocast against 743 ms in fp32; with AVX-512
-    BF16 bf16 steps ran 1.34x faster, but the loss curve did not hold (val loss after 300 steps 6.285 vs 5.876 in
-    fp32; fp32 was ahead at equal wall-clock time too). Most of the gap is bf16 attention (with attention kept in
-    fp32: 5.970), the rest the bf16 projections. Set dtype="bfloat16" to try it on another CPU.
+    "auto" is bf16 on CUDA and fp32 on CPU: on the CPUs measured (README, Pre-training) bf16 autocast was far
+    slower without bf16 instructions and lost loss with them. Set dtype="bfloat16" to try it on another CPU.
     """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -215,7 +212,8 @@ def train(
     autocast)` returns the record entries of an evaluation (default: `evaluate`'s val_loss and val_bpb over
     cfg.eval_batches). `bytes_per_token[id]` is the UTF-8 length of each token id (for bits per byte).
     resume=True restores model, optimizer, schedule position, loader and RNG states from the newest checkpoint
-    in run_dir/checkpoints, resume="step_N" from that one. `on_step(step, record)` is called after every step. `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
+    in run_dir/checkpoints, resume="step_N" from that one. `on_step(step, record)` is called after every step.
+    `extra_state` is stored in each checkpoint's state.json. final_checkpoint=False
     skips the checkpoint after the last step (benchmarks). Returns the last record.
     """
     dist = dist or Dist()

@@ -96,8 +96,8 @@ def pretrain(
 
     `overrides` set TrainConfig or ModelConfig fields by name (e.g. batch_size=4, n_layer=2). With resume=True
     the newest checkpoint in OUT/checkpoints is continued (a fresh start when there is none), with
-    resume="step_N" that one; without it an existing run in OUT is an error. `on_step(step, record)` is called after every optimizer step;
-    final_checkpoint=False skips the checkpoint after the last step (benchmarks).
+    resume="step_N" that one; without it an existing run in OUT is an error. `on_step(step, record)` is called
+    after every optimizer step; final_checkpoint=False skips the checkpoint after the last step (benchmarks).
     """
     data_dir, out = Path(data_dir), Path(out)
     tok_path = data_dir / "tokenizer.json"
