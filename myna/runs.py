@@ -1,23 +1,24 @@
 """A run directory as the rest of Myna sees it: config.json, tokenizer.json, checkpoints/step_N.
 
-Every training command (pretrain, sft, dpo) writes one; everything that uses a model (generate, chat, serve,
-eval, a later SFT or DPO) loads it through `load_model`, from the run folder (its newest checkpoint) or from one
-checkpoint folder inside it.
+Every training command (pretrain, sft, dpo) starts one with `start_run`; everything that uses a model (generate,
+chat, serve, eval, a later SFT or DPO) loads it through `load_model`, from the run folder (its newest checkpoint) or
+from one checkpoint folder inside it.
 """
 
 import json
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from myna.config import ModelConfig, TrainConfig, check_fits
-from myna.io import atomic_path, read_json
+from myna.io import atomic_path, atomic_write, read_json
 from myna.model import GPT
 from myna.progress import log
 from myna.tokenizer import Tokenizer
 from myna.train import checkpoint
+from myna.train.distributed import Dist
 from myna.train.optim import build_optimizer
 
 
@@ -39,7 +40,7 @@ def copy_tokenizer(src: str | Path, run_dir: str | Path) -> None:
 
 
 def read_config(run_dir: str | Path) -> dict:
-    """RUN/config.json: what was trained and how (written by train.pretrain.start_run)."""
+    """RUN/config.json: what was trained and how (written by start_run)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; not a run directory")
@@ -129,3 +130,44 @@ def convert_checkpoint(path: str | Path) -> Path:
         raise ValueError(f"{run_dir}/config.json: 'train' is not a set of TrainConfig settings")
     model = build_model(cfg, where=f"{run_dir}/config.json")
     return checkpoint.convert_legacy(ckpt, model, build_optimizer(model, TrainConfig(**train)))
+
+
+def check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
+    existing = [p for p in ("config.json", "metrics.jsonl", "checkpoints") if (out / p).exists()]
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out}: holds a run already ({', '.join(existing)}); pass --resume or a new --out"
+        )
+    if resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
+        if saved != asdict(mcfg):
+            diff = {k: (saved.get(k), v) for k, v in asdict(mcfg).items() if saved.get(k) != v}
+            raise ValueError(f"{out}/config.json: the run's model differs from this one (saved, now): {diff}")
+
+
+def start_run(
+    out: Path, resume: bool, mcfg: ModelConfig, tcfg: TrainConfig, tok_path: Path, dist: Dist, **info
+) -> None:
+    """Check OUT, then write OUT/config.json (`info`, parallelism, model, train) and the tokenizer (rank 0).
+
+    Shared by pretrain, sft and dpo: a run directory looks the same whichever command made it.
+    """
+    check_run_dir(out, resume, mcfg)
+    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
+    if dist.device.type == "cpu":
+        # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels
+        torch.use_deterministic_algorithms(True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            **info,
+            "parallel": dist.parallel,
+            "world_size": dist.world_size,
+            "model": asdict(mcfg),
+            "train": asdict(tcfg),
+        }
+        with atomic_write(out / "config.json", "w") as f:
+            json.dump(config, f, indent=1)
+        copy_tokenizer(tok_path, out)
+    if resume and checkpoint.latest(out) is None:
+        dist.log(f"{out}: no checkpoint to resume from; starting from step 0")

@@ -21,7 +21,7 @@ from myna.data.schema import Reject, posts_to_table
 from myna.data.threads import ThreadConfig, build_threads, read_conversations, write_jsonl
 from myna.runs import load_model
 from myna.train.dpo import dpo, dpo_loss, encode_pair, parse_pair, reply_logprobs
-from myna.train.sft import held_out, opening, read_records
+from myna.train.tuning import held_out, opening, read_records
 
 CASUAL = REPO / "data" / "sample" / "conversations" / "phylliida_twconv.conversations.jsonl"
 STEPS, BETA, SEQ_LEN = 30, 0.1, 192

@@ -28,12 +28,10 @@ from myna.train.sft import (
     encode_dialogue,
     encode_dialogues,
     fit_turns,
-    held_out,
-    opening,
     parse_dialogue,
-    read_records,
     sft,
 )
+from myna.train.tuning import held_out, opening, read_records
 
 AIRLINES = REPO / "data" / "sample" / "conversations" / "twcs_airlines.conversations.jsonl.gz"
 STEPS, SAVE_EVERY, STALL_AT = 48, 12, 14

@@ -40,15 +40,8 @@ from myna.runs import Loaded, load_model, read_config, resolve
 from myna.template import render_prompt
 from myna.train.distributed import Dist
 from myna.train.loop import autocast_dtype, evaluate
-from myna.train.sft import (
-    PackedLoader,
-    assistant_eval_fn,
-    encode_dialogues,
-    held_out,
-    opening,
-    parse_dialogue,
-    read_records,
-)
+from myna.train.sft import PackedLoader, assistant_eval_fn, encode_dialogues, parse_dialogue
+from myna.train.tuning import held_out, opening, read_records
 
 TWEETEVAL_DIR = Path(__file__).resolve().parents[2] / "data" / "tweeteval"  # the bundled copy
 MODES = ("classifier", "lm", "both", "none")

@@ -40,14 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from myna.data.schema import Reject
-from myna.runs import load_model
+from myna.runs import load_model, start_run
 from myna.template import check_messages, render, render_prompt
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.distributed import Dist
 from myna.train.loop import train
-from myna.train.pretrain import start_run
-from myna.train.sft import (
+from myna.train.tuning import (
     EpochStream,
     base_settings,
     lengths_fingerprint,

@@ -4,7 +4,6 @@ RUN/config.json (what was trained, how), RUN/metrics.jsonl (one record per logge
 Run under torchrun for several processes; every rank calls pretrain() with the same arguments.
 """
 
-import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -13,13 +12,10 @@ import torch
 from myna.config import ModelConfig, TrainConfig
 from myna.config import preset as get_preset
 from myna.data.loader import TokenLoader
-from myna.io import atomic_write
 from myna.model import GPT
-from myna.runs import copy_tokenizer
+from myna.runs import start_run
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
-from myna.train.checkpoint import latest
-from myna.train.distributed import Dist
 from myna.train.loop import train
 
 
@@ -36,47 +32,6 @@ def _apply_overrides(
     if tcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
     return mcfg, tcfg
-
-
-def check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
-    existing = [p for p in ("config.json", "metrics.jsonl", "checkpoints") if (out / p).exists()]
-    if existing and not resume:
-        raise FileExistsError(
-            f"{out}: holds a run already ({', '.join(existing)}); pass --resume or a new --out"
-        )
-    if resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
-        if saved != asdict(mcfg):
-            diff = {k: (saved.get(k), v) for k, v in asdict(mcfg).items() if saved.get(k) != v}
-            raise ValueError(f"{out}/config.json: the run's model differs from this one (saved, now): {diff}")
-
-
-def start_run(
-    out: Path, resume: bool, mcfg: ModelConfig, tcfg: TrainConfig, tok_path: Path, dist: Dist, **info
-) -> None:
-    """Check OUT, then write OUT/config.json (`info`, parallelism, model, train) and the tokenizer (rank 0).
-
-    Shared by pretrain, sft and dpo: a run directory looks the same whichever command made it.
-    """
-    check_run_dir(out, resume, mcfg)
-    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
-    if dist.device.type == "cpu":
-        # bit-exact resume and rank-count invariance on CPU; CUDA keeps its fast nondeterministic kernels
-        torch.use_deterministic_algorithms(True)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        config = {
-            **info,
-            "parallel": dist.parallel,
-            "world_size": dist.world_size,
-            "model": asdict(mcfg),
-            "train": asdict(tcfg),
-        }
-        with atomic_write(out / "config.json", "w") as f:
-            json.dump(config, f, indent=1)
-        copy_tokenizer(tok_path, out)
-    if resume and latest(out) is None:
-        dist.log(f"{out}: no checkpoint to resume from; starting from step 0")
 
 
 def pretrain(
