@@ -43,18 +43,9 @@ from myna.data.schema import Reject
 from myna.runs import load_model, start_run
 from myna.template import check_messages, render, render_prompt
 from myna.tokenizer import Tokenizer
-from myna.train import distributed
+from myna.train import distributed, tuning
 from myna.train.distributed import Dist
 from myna.train.loop import train
-from myna.train.tuning import (
-    EpochStream,
-    base_settings,
-    lengths_fingerprint,
-    read_and_split,
-    schedule_for,
-    tuned_config,
-    write_rejects,
-)
 
 LR_SCALE = 0.1  # DPO peak lr = the SFT run's peak lr x this
 DEFAULT_BETA = 0.1
@@ -143,7 +134,7 @@ class PairLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.shuffle_seed = shuffle_seed
         n = len(pairs)
-        self.stream = EpochStream(
+        self.stream = tuning.EpochStream(
             lambda e: (
                 list(range(n))
                 if shuffle_seed is None
@@ -176,11 +167,11 @@ class PairLoader:
             "epoch": self.stream.epoch,
             "pos": self.stream.pos,
             "shuffle_seed": self.shuffle_seed,
-            "pairs": lengths_fingerprint(self._lengths),
+            "pairs": tuning.lengths_fingerprint(self._lengths),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"shuffle_seed": self.shuffle_seed, "pairs": lengths_fingerprint(self._lengths)}
+        mine = {"shuffle_seed": self.shuffle_seed, "pairs": tuning.lengths_fingerprint(self._lengths)}
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
             raise ValueError(f"loader state was taken over other pairs (saved {theirs}, now {mine})")
@@ -271,8 +262,10 @@ def dpo(
     if not beta > 0:
         raise ValueError(f"beta={beta}: expected a positive number")
     out = Path(out)
-    base_run, base_ckpt, base_config = base_settings(base)
-    path, pairs, rejects, side = read_and_split(data, "prefs.jsonl", parse_pair, "prompt", "preference pair")
+    base_run, base_ckpt, base_config = tuning.base_settings(base)
+    path, pairs, rejects, side = tuning.read_and_split(
+        data, "prefs.jsonl", parse_pair, "prompt", "preference pair"
+    )
 
     if steps is not None:
         overrides["steps"] = steps
@@ -280,7 +273,7 @@ def dpo(
     try:
         loaded = load_model(base_ckpt, dist.device)
         tok, mcfg = loaded.tokenizer, loaded.config
-        tcfg = tuned_config(base_config["train"], LR_SCALE, overrides, mcfg)
+        tcfg = tuning.tuned_config(base_config["train"], LR_SCALE, overrides, mcfg)
 
         encoded = {True: [], False: []}
         shortened = cut = 0
@@ -300,7 +293,7 @@ def dpo(
         train_loader = PairLoader(encoded[False], *loader_args, shuffle_seed=tcfg.seed)
         val_loader = PairLoader(encoded[True], *loader_args, repeat=False)
         epoch_steps = math.ceil(len(encoded[False]) / (tcfg.batch_size * tcfg.grad_accum * dist.world_size))
-        tcfg = schedule_for(tcfg, overrides.get("steps", epoch_steps), overrides)
+        tcfg = tuning.schedule_for(tcfg, overrides.get("steps", epoch_steps), overrides)
 
         data_stats = {
             "pairs": len(pairs),
@@ -319,7 +312,7 @@ def dpo(
             "data_stats": data_stats,
         }
         start_run(out, resume, mcfg, tcfg, base_run / "tokenizer.json", dist, **info)
-        write_rejects(out, rejects, "preference lines", dist)
+        tuning.write_rejects(out, rejects, "preference lines", dist)
         dist.log(
             f"dpo: {len(encoded[False]):,} pairs, {len(encoded[True]):,} held out; {shortened} prompts shortened, "
             f"{cut} replies cut; beta {beta}, {tcfg.steps} steps at lr {tcfg.lr:.2e}"
