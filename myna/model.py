@@ -11,6 +11,7 @@ cache row keeps its own length, so rows holding different requests decode togeth
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -332,3 +333,23 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     return F.cross_entropy(
         logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1, reduction=reduction
     )
+
+
+# Texts of different lengths in one batch: right padding leaves each text's states as they are alone (attention is
+# causal, so no real token sees the padding after it), and pooling reads the real positions only.
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids [B, T] right-padded with pad_id, and each row's length [B] (on the CPU)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        idx[row, : len(s)] = torch.as_tensor(s)
+    return idx, lengths
+
+
+def mean_pool(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, C]: the mean over each row's first lengths[b] positions."""
+    lengths = lengths.to(hidden.device)
+    mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)

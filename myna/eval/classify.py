@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from myna.io import atomic_dir, atomic_write, open_binary, read_json, remove_stale_temps
-from myna.model import GPT, lm_loss
+from myna.model import GPT, lm_loss, mean_pool, pad_right
 from myna.progress import Progress, log
 from myna.runs import Loaded, build_model, load_model, model_config
 from myna.tokenizer import Tokenizer
@@ -226,8 +226,7 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     """[B, T, C] -> [B, C]: mean over each row's first `lengths` positions, or the state at the last of them."""
     if how == "last":
         return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
-    mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-    return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+    return mean_pool(hidden, lengths)
 
 
 class Classifier(nn.Module):
@@ -285,11 +284,8 @@ def length_batches(
 def collate(
     seqs: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = [len(seqs[i]) for i in idx]
-    batch = torch.full((len(idx), max(lengths)), pad_id, dtype=torch.long)
-    for row, i in enumerate(idx):
-        batch[row, : len(seqs[i])] = torch.tensor(seqs[i])
-    return batch.to(device), torch.tensor(lengths, device=device)
+    batch, lengths = pad_right([seqs[i] for i in idx], pad_id)
+    return batch.to(device), lengths.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from myna.eval.classify import ClassifySettings, Examples, class_scores, fit, predict_proba
 from myna.io import atomic_write, open_binary
+from myna.model import pad_right
 from myna.progress import Progress, log
 from myna.runs import load_model
 
@@ -266,10 +267,7 @@ def lm_label_scores(
     with Progress("lm-score", total=len(rows), unit="rows") as bar:
         for s in range(0, len(order), batch_rows):
             chunk = [rows[i] for i in order[s : s + batch_rows]]
-            width = max(len(r[2]) for r in chunk)
-            idx = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
-            for j, r in enumerate(chunk):
-                idx[j, : len(r[2])] = torch.tensor(r[2])
+            idx, _ = pad_right([r[2] for r in chunk], tok.pad_id)
             hidden = model.hidden(idx.to(device))
             for j, (n, k, ids, first) in enumerate(chunk):
                 # position t predicts token t+1: the word's tokens are predicted from positions first-1 .. end-2

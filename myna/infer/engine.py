@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from myna.model import GPT, KVCache
+from myna.model import GPT, KVCache, mean_pool, pad_right
 from myna.tokenizer import Tokenizer
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward: bounds activations and decode stalls
@@ -470,11 +470,7 @@ class Engine:
             for start in range(0, len(ids_batch), EMBED_BATCH):
                 chunk = ids_batch[start : start + EMBED_BATCH]
                 idx, lengths = self._pad(chunk)
-                hidden = self.model.hidden(idx)
-                lengths = torch.tensor(lengths, device=self.device)
-                valid = torch.arange(idx.size(1), device=self.device) < lengths[:, None]
-                summed = (hidden.float() * valid[..., None]).sum(1)
-                mean = summed / lengths[:, None]
+                mean = mean_pool(self.model.hidden(idx).float(), torch.tensor(lengths))
                 out.append(torch.nn.functional.normalize(mean, dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.n_embd)
 
@@ -573,11 +569,8 @@ class Engine:
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
         """Right-padded ids [B, T] on the model's device, and the lengths."""
-        lengths = [len(s) for s in sequences]
-        idx = torch.full((len(sequences), max(lengths)), self.tokenizer.pad_id, dtype=torch.long)
-        for row, s in enumerate(sequences):
-            idx[row, : len(s)] = torch.tensor(s)
-        return idx.to(self.device), lengths
+        idx, lengths = pad_right(sequences, self.tokenizer.pad_id)
+        return idx.to(self.device), lengths.tolist()
 
     def _prefill(self, seqs: list[_Sequence]) -> torch.Tensor:
         """Feed the new sequences' prompts; their rows are the next free ones. Returns next-token logits [k, V]."""
