@@ -8,6 +8,7 @@ without torchrun, ddp/fsdp run as a world of one (useful to test the sharded cod
 
 import os
 import socket
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,14 @@ def wrap(model: nn.Module, dist: Dist) -> nn.Module:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
+
+
+def gradient_sync(model: nn.Module, dist: Dist, enabled: bool) -> AbstractContextManager:
+    """The context of one micro-batch's backward: gradients are reduced across ranks only when enabled (the last
+    micro-batch of an optimizer step), so accumulation costs one reduction per step under DDP and FSDP alike."""
+    if dist.parallel == "fsdp":
+        model.set_requires_gradient_sync(enabled)
+    return model.no_sync() if dist.parallel == "ddp" and not enabled else nullcontext()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from myna.io import atomic_write
 from myna.progress import console
 from myna.runs import read_metrics
 from myna.train import checkpoint
-from myna.train.distributed import Dist, unwrap, wrap
+from myna.train.distributed import Dist, gradient_sync, unwrap, wrap
 from myna.train.optim import build_optimizer, lr_at, set_lr
 
 # Dense bf16 tensor-core peaks (no sparsity) by device name, for MFU.
@@ -229,20 +229,12 @@ def train(
         start = _restore(ckpt, model, optimizer, train_loader, dist)
         dist.log(f"resumed from {ckpt} (step {start})")
     val_start = val_loader.state_dict()  # every evaluation reads the same val batches
-
-    amp_dtype = autocast_dtype(cfg.dtype, dist.device)
-
-    def autocast():
-        if amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(dist.device.type, dtype=amp_dtype)
-
-    if bytes_per_token is not None:
-        bytes_per_token = bytes_per_token.to(dist.device)
+    autocast = _autocast(cfg.dtype, dist.device)
     if eval_fn is None:
+        per_byte = bytes_per_token.to(dist.device) if bytes_per_token is not None else None
 
         def eval_fn(model, val_loader, autocast) -> dict:
-            loss, bpb = evaluate(model, val_loader, cfg.eval_batches, bytes_per_token, dist, autocast)
+            loss, bpb = evaluate(model, val_loader, cfg.eval_batches, per_byte, dist, autocast)
             return {"val_loss": loss, "val_bpb": bpb}
 
     tokens_per_step = cfg.tokens_per_step * dist.world_size
@@ -258,23 +250,8 @@ def train(
     t_log, steps_since_log = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
-            lr_mult = lr_at(step, cfg)
-            set_lr(optimizer, lr_mult)
-            loss_sum = torch.zeros((), device=dist.device)
-            stat_sums: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.grad_accum):
-                last = micro == cfg.grad_accum - 1
-                if dist.parallel == "fsdp":
-                    model.set_requires_gradient_sync(last)
-                sync = model.no_sync() if dist.parallel == "ddp" and not last else nullcontext()
-                with sync:
-                    with autocast():
-                        loss = loss_fn(compiled, next(train_loader))
-                    loss, stats = loss if isinstance(loss, tuple) else (loss, {})
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                for key, value in stats.items():
-                    stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().float()
+            set_lr(optimizer, lr_at(step, cfg))
+            sums = _accumulate(model, compiled, train_loader, loss_fn, cfg, dist, autocast)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -284,21 +261,13 @@ def train(
 
             is_eval = done % cfg.eval_every == 0 or done == cfg.steps
             if done % cfg.log_every == 0 or is_eval:
-                keys = sorted(stat_sums)
-                loss_total, *stat_totals = dist.sum(
-                    [loss_sum.item() / cfg.grad_accum] + [stat_sums[k].item() / cfg.grad_accum for k in keys]
-                )
-                now = time.perf_counter()
-                tokens_per_s = steps_since_log * tokens_per_step / (now - t_log)
-                record = {
-                    "step": done,
-                    "loss": loss_total / dist.world_size,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": tokens_per_s,
-                }
+                tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
+                loss, stats = _averaged(*sums, cfg, dist)
+                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+                record["tokens_per_s"] = tokens_per_s
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.world_size)
-                record.update({k: v / dist.world_size for k, v in zip(keys, stat_totals, strict=True)})
+                record.update(stats)
                 if is_eval:
                     val_loader.load_state_dict(val_start)
                     record.update(eval_fn(compiled, val_loader, autocast))
@@ -328,3 +297,37 @@ def train(
         if metrics is not None:
             metrics.close()
     return record
+
+
+def _autocast(dtype: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A factory of the forward's autocast context for TrainConfig.dtype (a no-op in plain fp32)."""
+    amp_dtype = autocast_dtype(dtype, device)
+    if amp_dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=amp_dtype)
+
+
+def _accumulate(model, compiled, train_loader, loss_fn: LossFn, cfg: TrainConfig, dist: Dist, autocast):
+    """Forward and backward over one optimizer step's cfg.grad_accum micro-batches; returns this rank's loss sum
+    and the sums of loss_fn's stats, still on the device (read once, when the step is logged)."""
+    loss_sum = torch.zeros((), device=dist.device)
+    stat_sums: dict[str, torch.Tensor] = {}
+    for micro in range(cfg.grad_accum):
+        with gradient_sync(model, dist, micro == cfg.grad_accum - 1):
+            with autocast():
+                loss = loss_fn(compiled, next(train_loader))
+            loss, stats = loss if isinstance(loss, tuple) else (loss, {})
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+        for key, value in stats.items():
+            stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().float()
+    return loss_sum, stat_sums
+
+
+def _averaged(loss_sum: torch.Tensor, stat_sums: dict, cfg: TrainConfig, dist: Dist) -> tuple[float, dict]:
+    """The step's loss and stats averaged over micro-batches and ranks, in one reduction."""
+    keys = sorted(stat_sums)
+    loss, *stats = dist.sum(
+        [loss_sum.item() / cfg.grad_accum] + [stat_sums[k].item() / cfg.grad_accum for k in keys]
+    )
+    return loss / dist.world_size, {k: v / dist.world_size for k, v in zip(keys, stats, strict=True)}
