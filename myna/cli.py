@@ -299,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         params = _sampling(args, stop_token_ids=turn_stop_ids(tok))
     else:
         # a raw continuation: documents in the pre-training shards end where the next <|bos|> starts
-        ids = [tok.bos_id, *tok.encode(args.prompt)]
+        ids = tok.document(args.prompt)
         params = _sampling(args, stop_token_ids=(tok.bos_id,))
     with Engine(loaded.model, tok, max_batch=1, use_cache=not args.no_kv_cache) as engine:
         request = engine.submit(ids, params)

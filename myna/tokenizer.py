@@ -179,6 +179,10 @@ class Tokenizer:
             return self.tiktoken.encode_ordinary(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def document(self, text: str) -> list[int]:
+        """<|bos|> + the text's ids: a document as pre-training saw every one (the model's raw-text input)."""
+        return [self.bos_id, *self.encode(text)]
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = os.cpu_count() or 1) -> list[list[int]]:
         """`encode` over many texts in `num_threads` threads (the HF fallback sizes its own thread pool)."""
         texts = list(texts)

@@ -257,7 +257,7 @@ class Classifier(nn.Module):
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    """bos + the text's tokens, cut to max_len (pre-training put bos before every document)."""
+    """Each text as a document (Tokenizer.document), cut to max_len tokens; encoded in one batch."""
     return [[tok.bos_id, *ids[: max_len - 1]] for ids in tok.encode_batch(texts)]
 
 
