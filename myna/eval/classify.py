@@ -436,6 +436,9 @@ def fit(
 def _train_finetune(
     model, x_train, y_train, x_val, y_val, pad, s: ClassifySettings, weights, metric
 ) -> list[dict]:
+    """Fine-tune body and head; returns the checks' history. Not train/loop.py's loop: that one streams tokens for a
+    fixed number of steps with checkpoints, this one runs epochs over a small labelled set, stops early on a
+    metric and keeps the best weights in memory."""
     device = model.head.weight.device
     body_params = [p for p in model.body.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
