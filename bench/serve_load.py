@@ -68,9 +68,10 @@ def free_port() -> int:
 
 def start_server(ckpt: Path, port: int, max_concurrency: int, threads: int) -> subprocess.Popen:
     code = (
-        "from myna.serve import serve; from myna.moderation import Policy; "
-        f"serve({str(ckpt)!r}, port={port}, max_concurrency={max_concurrency}, policy=Policy.default(), "
-        "log_level='warning')"
+        "from myna.serve.api import serve; from myna.serve.config import ServeConfig; "
+        "from myna.moderation import Policy; "
+        f"serve({str(ckpt)!r}, ServeConfig(port={port}, max_concurrency={max_concurrency}, "
+        "policy=Policy.default(), log_level='warning'))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     server = subprocess.Popen([sys.executable, "-c", code], env=env)

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from myna.progress import console, log
+from myna.serve.config import ServeConfig
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 
@@ -217,7 +218,7 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
         from myna.serve.api import serve
 
         # prints the URL; Ctrl-C stops it
-        serve(chat, host=args.host, port=args.port, allowed_hosts=tuple(args.allow_host))
+        serve(chat, ServeConfig(host=args.host, port=args.port, allowed_hosts=tuple(args.allow_host)))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -344,18 +345,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from myna.serve.api import serve
 
-    serve(
-        args.ckpt,
+    config = ServeConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        allowed_hosts=tuple(args.allow_host),
         max_concurrency=args.max_concurrency,
+        body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
         policy=_policy(args.policy),
         device=args.device,
-        allowed_hosts=tuple(args.allow_host),
-        header_timeout=args.header_timeout,
-        body_timeout=args.body_timeout,
     )
+    serve(args.ckpt, config)
 
 
 def cmd_classify(args: argparse.Namespace) -> None:

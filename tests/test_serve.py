@@ -18,8 +18,8 @@ import torch
 import uvicorn
 
 from myna.moderation import Policy
-from myna.serve import create_app
-from myna.serve.api import header_deadline
+from myna.serve.api import create_app, header_deadline
+from myna.serve.config import ServeConfig
 from myna.tokenizer import Tokenizer
 
 TWEETS = Path(__file__).parent / "fixtures" / "tok" / "tweets.txt"
@@ -43,7 +43,7 @@ class Reply:
 class LiveServer:
     """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread, set up as `myna serve` sets it up."""
 
-    def __init__(self, app, header_timeout: float = 10.0):
+    def __init__(self, app, header_timeout: float = ServeConfig.header_timeout):
         self.app = app
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -126,7 +126,11 @@ TEST_POLICY = {
 def live(run_dir):
     """The main server: API key required, a test moderation policy, default limits."""
     server = LiveServer(
-        create_app(run_dir, api_key=KEY, policy=Policy.from_dict(TEST_POLICY), on_load=hooks(endless=True))
+        create_app(
+            run_dir,
+            ServeConfig(api_key=KEY, policy=Policy.from_dict(TEST_POLICY)),
+            on_load=hooks(endless=True),
+        )
     )
     server.wait_ready()
     yield server
@@ -137,7 +141,11 @@ def live(run_dir):
 def slow(run_dir):
     """One request at a time, 20 ms per forward: room to watch a stream, overflow it, and walk away."""
     server = LiveServer(
-        create_app(run_dir, max_concurrency=1, policy=Policy.off(), on_load=hooks(slow=0.02, endless=True))
+        create_app(
+            run_dir,
+            ServeConfig(max_concurrency=1, policy=Policy.off()),
+            on_load=hooks(slow=0.02, endless=True),
+        )
     )
     server.wait_ready()
     yield server
@@ -259,7 +267,7 @@ def test_completions_plain_stream_echo_and_stop(live, run_dir):
 
 def test_replies_end_at_the_end_token(run_dir):
     """The model as trained (no test hooks) ends its turns with <|end|>: finish "stop", no special in the text."""
-    server = LiveServer(create_app(run_dir, policy=Policy.off()))
+    server = LiveServer(create_app(run_dir, ServeConfig(policy=Policy.off())))
     try:
         server.wait_ready()
         client = server.client()
@@ -386,7 +394,7 @@ def test_404_unknown_model_and_path(live):
 
 
 def test_413_by_content_length_and_by_streamed_body(run_dir):
-    server = LiveServer(create_app(run_dir, max_body_bytes=2000, policy=Policy.off()))
+    server = LiveServer(create_app(run_dir, ServeConfig(max_body_bytes=2000, policy=Policy.off())))
     try:
         server.wait_ready()
         with pytest.raises(openai.APIStatusError) as e:
@@ -414,7 +422,9 @@ def test_413_by_content_length_and_by_streamed_body(run_dir):
 
 def test_503_while_loading(run_dir):
     gate = threading.Event()
-    server = LiveServer(create_app(run_dir, on_load=lambda loaded: gate.wait(10), policy=Policy.off()))
+    server = LiveServer(
+        create_app(run_dir, ServeConfig(policy=Policy.off()), on_load=lambda loaded: gate.wait(10))
+    )
     try:
         health = server.request("GET", "/health")
         assert health.status == 503 and health.json()["status"] == "loading"
@@ -546,7 +556,7 @@ def test_moderation_withholds_a_reply(live, run_dir):
     policy = Policy.from_dict(
         {"extends": "none", "categories": {"banned": {"action": "block", "terms": [word]}}}
     )
-    server = LiveServer(create_app(run_dir, policy=policy, on_load=hooks(endless=True)))
+    server = LiveServer(create_app(run_dir, ServeConfig(policy=policy), on_load=hooks(endless=True)))
     try:
         server.wait_ready()
         client = server.client()

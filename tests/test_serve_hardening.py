@@ -13,9 +13,11 @@ import pytest
 from test_serve import KEY, LiveServer, chat, error_of, hooks, wait_for
 
 import myna.serve.api as api
+import myna.serve.protocol as protocol
 from myna.cli import main
 from myna.moderation import Policy
-from myna.serve import create_app
+from myna.serve.api import create_app
+from myna.serve.config import ServeConfig
 
 TIMEOUT = 0.5  # the test servers' header and body timeouts, in seconds
 
@@ -23,14 +25,10 @@ TIMEOUT = 0.5  # the test servers' header and body timeouts, in seconds
 @pytest.fixture(scope="module")
 def open_server(run_dir):
     """No API key, one extra Host name, short timeouts; one request at a time at 20 ms a forward."""
-    app = create_app(
-        run_dir,
-        max_concurrency=1,
-        policy=Policy.off(),
-        body_timeout=TIMEOUT,
-        allowed_hosts=("Myna.example",),
-        on_load=hooks(slow=0.02, endless=True),
+    config = ServeConfig(
+        max_concurrency=1, policy=Policy.off(), body_timeout=TIMEOUT, allowed_hosts=("Myna.example",)
     )
+    app = create_app(run_dir, config, on_load=hooks(slow=0.02, endless=True))
     server = LiveServer(app, header_timeout=TIMEOUT)
     server.wait_ready()
     yield server
@@ -93,7 +91,7 @@ def test_bodies_too_deep_or_not_unicode_are_400s(open_server, run_dir, errors):
         try:
             for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
                 r = open_server.request("POST", path, deep, json_headers)
-                assert r.status == 400 and error_of(r)["message"] == api.TOO_DEEP, r.body
+                assert r.status == 400 and error_of(r)["message"] == protocol.TOO_DEEP, r.body
         finally:
             sys.setrecursionlimit(limit)
     # deep enough to refuse, shallow enough to parse: later steps would recurse into it
@@ -101,7 +99,7 @@ def test_bodies_too_deep_or_not_unicode_are_400s(open_server, run_dir, errors):
     r = open_server.request(
         "POST", "/v1/completions", f'{{"model": "m", "temperature": {nested}}}', json_headers
     )
-    assert r.status == 400 and error_of(r)["message"] == api.TOO_DEEP
+    assert r.status == 400 and error_of(r)["message"] == protocol.TOO_DEEP
     # a lone surrogate is valid JSON but no text: echoed back in an error or a reply it cannot be encoded
     for body in (
         {"model": "\ud800", "prompt": "hi"},
@@ -119,7 +117,7 @@ def test_an_unexpected_error_is_a_json_500(open_server, run_dir, monkeypatch):
     def broken(*args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(api, "_check_fields", broken)
+    monkeypatch.setattr(api, "check_fields", broken)
     r = post(open_server, "/v1/completions", {"model": run_dir.name, "prompt": "hi"})
     assert r.status == 500 and error_of(r)["type"] == "server_error" and "a bug" not in r.body.decode()
 
@@ -133,7 +131,7 @@ def test_a_client_gone_mid_body_is_no_server_error(run_dir):
         finally:
             ended.append(scope.get("path"))
 
-    inner = create_app(run_dir, policy=Policy.off())
+    inner = create_app(run_dir, ServeConfig(policy=Policy.off()))
     server = LiveServer(app)
     try:
         server.wait_ready()
@@ -236,7 +234,7 @@ def test_a_failed_load_shows_no_paths(run_dir, tmp_path):
     def fail(loaded):
         (tmp_path / "missing" / "tokenizer.json").read_text()
 
-    server = LiveServer(create_app(run_dir, on_load=fail, policy=Policy.off()))
+    server = LiveServer(create_app(run_dir, ServeConfig(policy=Policy.off()), on_load=fail))
     try:
         wait_for(lambda: server.health()["status"] == "error")
         for r in (server.request("GET", "/health"), server.request("GET", "/v1/models")):
@@ -280,7 +278,7 @@ def test_without_a_key_only_json_from_loopback_names(open_server, run_dir):
 
 
 def test_with_a_key_the_key_is_the_protection(run_dir):
-    server = LiveServer(create_app(run_dir, api_key=KEY, policy=Policy.off()))
+    server = LiveServer(create_app(run_dir, ServeConfig(api_key=KEY, policy=Policy.off())))
     try:
         server.wait_ready()
         body = json.dumps({"model": run_dir.name, "prompt": "hi", "max_tokens": 1})
@@ -294,7 +292,7 @@ def test_with_a_key_the_key_is_the_protection(run_dir):
 
 def test_serve_flags_reach_the_server(monkeypatch):
     seen = {}
-    monkeypatch.setattr(api, "serve", lambda ckpt, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(api, "serve", lambda ckpt, config: seen.update(vars(config)))
     main(["serve", "--ckpt", "RUN", "--allow-host", "a.example", "--allow-host", "b.example"])
     assert seen["allowed_hosts"] == ("a.example", "b.example")
     assert seen["header_timeout"] == 10 and seen["body_timeout"] == 30

@@ -11,7 +11,8 @@ from playwright.sync_api import expect, sync_playwright
 from test_serve import KEY, LiveServer, hooks
 
 from myna.moderation import Policy
-from myna.serve import create_app
+from myna.serve.api import create_app
+from myna.serve.config import ServeConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -39,7 +40,9 @@ WATCH_REPLY = """() => {
 def server(run_dir):
     # 20 ms per forward: a 40-token reply takes about a second, slow enough to see it grow
     live = LiveServer(
-        create_app(run_dir, api_key=KEY, policy=Policy.off(), on_load=hooks(slow=0.02, endless=True))
+        create_app(
+            run_dir, ServeConfig(api_key=KEY, policy=Policy.off()), on_load=hooks(slow=0.02, endless=True)
+        )
     )
     live.wait_ready()
     yield live
@@ -135,7 +138,7 @@ def test_chat_page_streams_keeps_conversations_and_shows_errors(server, page, ru
 
 def test_chat_page_works_without_a_key(run_dir, page):
     """A server without a key takes the page's requests (JSON, to a loopback name) as they are."""
-    live = LiveServer(create_app(run_dir, policy=Policy.off(), on_load=hooks(endless=True)))
+    live = LiveServer(create_app(run_dir, ServeConfig(policy=Policy.off()), on_load=hooks(endless=True)))
     try:
         live.wait_ready()
         page.goto(f"http://localhost:{live.port}/")

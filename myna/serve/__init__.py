@@ -1,5 +1,3 @@
-"""`myna serve`: a trained run behind OpenAI's HTTP API, with a web chat page on the same server."""
+"""`myna serve`: a trained run behind OpenAI's HTTP API, with a web chat page on the same server.
 
-from myna.serve.api import create_app, serve
-
-__all__ = ["create_app", "serve"]
+config.py holds its settings, protocol.py OpenAI's request and response shapes, api.py the app and the server."""

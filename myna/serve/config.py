@@ -1,0 +1,30 @@
+"""`myna serve`'s settings: create_app and serve take them, and the command's flags default to them."""
+
+from dataclasses import dataclass
+
+from myna.moderation import Policy
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # the address to listen on; loopback: only this machine can connect
+    port: int = 8000
+    api_key: str | None = None  # the bearer key /v1 requires; None: no key, see allowed_hosts
+    allowed_hosts: tuple[str, ...] = ()  # without a key, Host names answered besides loopback ones ("*": any)
+    max_concurrency: int = 32  # requests in flight; one more gets 429 before its body is parsed
+    max_batch: int | None = (
+        None  # the engine's batch rows; None: max_concurrency, all in flight decode together
+    )
+    max_body_bytes: int = 1 << 20  # a larger request body gets 413
+    body_timeout: float = 30.0  # seconds for a request's body to arrive, or 408
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive, or the connection is closed
+    policy: Policy | None = None  # moderation; None: Policy.default(), which labels and blocks nothing
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1 ...
+    log_level: str = "info"  # uvicorn's
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        for name in ("body_timeout", "header_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
