@@ -337,75 +337,94 @@ def run_tweeteval(
         start = time.time()
         test = load_split(data_dir, task, "test", test_cap)
         if mode == "classifier":
-            train = load_split(data_dir, task, "train", train_cap)
-            val = load_split(data_dir, task, "val")
-            # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
-            classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
-            members = [
-                fit(
-                    # fine-tuning changes the model: a fresh copy per classifier
-                    load_model(run, device),
-                    train,
-                    val,
-                    replace(s, seed=s.seed + i),
-                    metric=lambda g, p, task=task: task_metric(task, g, p),
-                    labels=classes,
-                )
-                for i in range(seeds)
-            ]
-            reports = [m.report for m in members]
-            chosen = members
-            # restarts: the one val scores highest (the first among equals)
-            if seeds > 1 and seed_choice == "best":
-                best = max(range(seeds), key=lambda i: reports[i]["val_metric"])
-                chosen = [members[best]]
-            probs = sum(predict_proba(m, test.texts) for m in chosen) / len(chosen)
-            val_probs = sum(m.val_probs for m in chosen) / len(chosen)
-            detail = {"train_rows": len(train.texts)}
-            detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
-            detail |= {k: chosen[0].report[k] for k in ("val_ece_before", "val_ece_after")}
-            if seeds > 1:
-                detail["val_metric_members"] = [r["val_metric"] for r in reports]
-                if seed_choice == "best":
-                    detail["chosen_seed"] = s.seed + best
-
-            def on_ids(g: list[int], p: list[int], task=task, classes=classes) -> float:  # on class indices
-                return task_metric(task, [classes[i] for i in g], [classes[i] for i in p])
-
-            y_val = [classes.index(y) for y in val.labels]
-            detail["val_metric"] = on_ids(y_val, val_probs.argmax(1).tolist())
-            pred = [classes[i] for i in probs.argmax(1)]
-            # the probabilities stay with the predictions: other decision rules need no retraining
-            with atomic_write(out / "probabilities" / f"{task}.npz", "wb") as f:
-                np.savez(f, classes=np.array(classes), val=val_probs, val_gold=np.array(y_val), test=probs)
+            pred, detail = _classifier_task(
+                run, data_dir, task, test, out, s, train_cap, seeds, seed_choice, device
+            )
         else:
-            base = load_model(run, device)
-            suffix, words = VERBALIZERS[task]
-            prefix = ""
-            if shots:
-                prefix = _few_shot_prefix(load_split(data_dir, task, "train"), task, shots, random.Random(0))
-            contexts = [prefix + t + suffix for t in test.texts]
-            pred = lm_label_scores(base.model, base.tokenizer, contexts, words).argmax(1).tolist()
-            detail = {"shots": shots}
+            pred, detail = _lm_task(run, data_dir, task, test, shots, device)
         scores[task] = 100 * task_metric(task, test.labels, pred)
         if test_cap is None:
             write_predictions(out / "predictions", task, pred, data_dir)
         per_task[task] = {**detail, "test_rows": len(test.texts), "seconds": round(time.time() - start, 1)}
         log(f"[bold]{task}[/]: {scores[task]:.2f} ({per_task[task]['seconds']:.0f} s)")
+    classifier = mode == "classifier"
     result = {
         "scores": with_all(scores) if set(tasks) == set(TASKS) else scores,
-        "notes": {t: n for t, n in APPROX.items() if t in scores} if mode == "classifier" else {},
+        "notes": {t: n for t, n in APPROX.items() if t in scores} if classifier else {},
         "run": str(run),
         "mode": f"classifier ({s.mode}{_seeds_phrase(seeds, seed_choice)})"
-        if mode == "classifier"
+        if classifier
         else f"lm, {shots}-shot",
         "train_cap": train_cap,
         "test_cap": test_cap,
-        "seeds": seeds if mode == "classifier" else None,
-        "seed_choice": seed_choice if mode == "classifier" else None,
-        "settings": asdict(s) if mode == "classifier" else None,
+        "seeds": seeds if classifier else None,
+        "seed_choice": seed_choice if classifier else None,
+        "settings": asdict(s) if classifier else None,
         "tasks": per_task,
     }
     with atomic_write(out / "result.json", "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
     return result
+
+
+def _classifier_task(
+    run,
+    data_dir,
+    task: str,
+    test: Examples,
+    out: Path,
+    s: ClassifySettings,
+    train_cap,
+    seeds: int,
+    seed_choice,
+    device,
+) -> tuple[list, dict]:
+    """Test predictions of one task's classifier(s), and what to report of their training; the val and test
+    probabilities go to OUT/probabilities/TASK.npz."""
+    train = load_split(data_dir, task, "train", train_cap)
+    val = load_split(data_dir, task, "val")
+    # early stopping on the task's own metric: macro-F1 can rise while irony's F1(ironic) falls
+    classes = sorted(int(k) for k in mapping(data_dir, task))  # all, even one the cap left out
+    members = [
+        fit(
+            load_model(run, device),  # fine-tuning changes the model: a fresh copy per classifier
+            train,
+            val,
+            replace(s, seed=s.seed + i),
+            metric=lambda g, p: task_metric(task, g, p),
+            labels=classes,
+        )
+        for i in range(seeds)
+    ]
+    reports = [m.report for m in members]
+    chosen = members
+    # restarts: the one val scores highest (the first among equals)
+    if seeds > 1 and seed_choice == "best":
+        best = max(range(seeds), key=lambda i: reports[i]["val_metric"])
+        chosen = [members[best]]
+    probs = sum(predict_proba(m, test.texts) for m in chosen) / len(chosen)
+    val_probs = sum(m.val_probs for m in chosen) / len(chosen)
+    detail = {"train_rows": len(train.texts)}
+    detail["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
+    detail |= {k: chosen[0].report[k] for k in ("val_ece_before", "val_ece_after")}
+    if seeds > 1:
+        detail["val_metric_members"] = [r["val_metric"] for r in reports]
+        if seed_choice == "best":
+            detail["chosen_seed"] = s.seed + best
+    y_val = [classes.index(y) for y in val.labels]
+    detail["val_metric"] = task_metric(task, val.labels, [classes[i] for i in val_probs.argmax(1)])
+    # the probabilities stay with the predictions: other decision rules need no retraining
+    with atomic_write(out / "probabilities" / f"{task}.npz", "wb") as f:
+        np.savez(f, classes=np.array(classes), val=val_probs, val_gold=np.array(y_val), test=probs)
+    return [classes[i] for i in probs.argmax(1)], detail
+
+
+def _lm_task(run, data_dir, task: str, test: Examples, shots: int, device) -> tuple[list, dict]:
+    """Test predictions by label-word likelihood, after `shots` examples from train."""
+    base = load_model(run, device)
+    suffix, words = VERBALIZERS[task]
+    prefix = ""
+    if shots:
+        prefix = _few_shot_prefix(load_split(data_dir, task, "train"), task, shots, random.Random(0))
+    contexts = [prefix + t + suffix for t in test.texts]
+    return lm_label_scores(base.model, base.tokenizer, contexts, words).argmax(1).tolist(), {"shots": shots}
