@@ -442,8 +442,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def serve_flags(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument("--host", default=ServeConfig.host, help="address to listen on (default %(default)s)")
+    sp.add_argument("--port", type=int, default=ServeConfig.port, help="port (default %(default)s)")
     sp.add_argument(
         "--allow-host",
         action="append",
@@ -645,23 +645,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this bearer key (default $MYNA_API_KEY)",
     )
     v.add_argument(
-        "--max-concurrency", type=int, default=32, help="requests in flight; more get 429 (default 32)"
+        "--max-concurrency",
+        type=int,
+        default=ServeConfig.max_concurrency,
+        help="requests in flight; more get 429 (default %(default)s)",
     )
     v.add_argument("--policy", help="moderation policy: a JSON/TOML file, 'default' (label only) or 'off'")
-    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    v.add_argument("--device", default=ServeConfig.device, help="cpu, cuda, cuda:1 ...")
     v.add_argument(
         "--header-timeout",
         type=float,
         metavar="SECONDS",
-        default=10.0,
-        help="close a connection that has not sent a request's headers in this many seconds (default 10)",
+        default=ServeConfig.header_timeout,
+        help="close a connection that has not sent a request's headers in this many seconds (default %(default)g)",
     )
     v.add_argument(
         "--body-timeout",
         type=float,
         metavar="SECONDS",
-        default=30.0,
-        help="answer 408 to a request whose body has not all arrived in this many seconds (default 30)",
+        default=ServeConfig.body_timeout,
+        help="answer 408 to a request whose body has not all arrived in this many seconds (default %(default)g)",
     )
     v.set_defaults(fn=cmd_serve)
 
