@@ -10,10 +10,7 @@ with N data-parallel ranks the global batch is N times that (the trainer may div
 """
 
 import math
-import os
 from dataclasses import dataclass, fields, replace
-
-import torch
 
 # The largest value of each shape setting Myna builds: far past any model it trains, small enough that a typo or
 # a hostile config.json fails here, in a line, instead of allocating for minutes.
@@ -78,35 +75,6 @@ class ModelConfig:
     def weight_bytes(self) -> int:
         """Memory of the built model in fp32: its parameters and its two RoPE tables."""
         return 4 * (self.num_params() + self.max_seq_len * self.head_dim)
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes the device can still allocate (RAM for the CPU); None where it cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def check_fits(cfg: ModelConfig, device: str | torch.device, bytes_per_weight: float = 4) -> None:
-    """Refuse, before building anything, a model whose weights (and, training, gradients and optimizer state:
-    bytes_per_weight 16 with AdamW in fp32) cannot fit in what the device has free."""
-    device = torch.device(device)
-    need = cfg.weight_bytes() / 4 * bytes_per_weight
-    free = free_memory(device)
-    if free is not None and need > free:
-        raise ValueError(
-            f"a model of {cfg.num_params():,} parameters ({cfg.n_layer} layers x {cfg.n_embd} wide, context "
-            f"{cfg.max_seq_len:,}) needs {need / 2**30:,.1f} GiB; {device} has {free / 2**30:,.1f} GiB free"
-        )
 
 
 @dataclass

@@ -6,13 +6,14 @@ from one checkpoint folder inside it.
 """
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from myna.config import ModelConfig, TrainConfig, check_fits
+from myna.config import ModelConfig, TrainConfig
 from myna.io import atomic_path, atomic_write, read_json
 from myna.model import GPT
 from myna.progress import log
@@ -45,6 +46,35 @@ def read_config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; not a run directory")
     return read_json(path)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate (RAM for the CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits(cfg: ModelConfig, device: str | torch.device, bytes_per_weight: float = 4) -> None:
+    """Refuse, before building anything, a model whose weights (and, training, gradients and optimizer state:
+    bytes_per_weight 16 with AdamW in fp32) cannot fit in what the device has free."""
+    device = torch.device(device)
+    need = cfg.weight_bytes() / 4 * bytes_per_weight
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"a model of {cfg.num_params():,} parameters ({cfg.n_layer} layers x {cfg.n_embd} wide, context "
+            f"{cfg.max_seq_len:,}) needs {need / 2**30:,.1f} GiB; {device} has {free / 2**30:,.1f} GiB free"
+        )
 
 
 def model_config(values: object, where: str) -> ModelConfig:
