@@ -261,7 +261,7 @@ def prepare_completion(server: Server, raw: bytes) -> Generation:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         # a raw continuation starts a document, as the pre-training shards do
-        ids, text = [tok.bos_id, *tok.encode(prompt)], prompt
+        ids, text = tok.document(prompt), prompt
     elif isinstance(prompt, list):
         ids = token_ids(prompt, tok.vocab_size, "prompt")
         text = tok.decode(ids)
@@ -325,7 +325,7 @@ def _embedding_inputs(value, tok, max_len: int) -> list[list[int]]:
         if isinstance(item, str):
             if not item:
                 raise invalid(f"input[{i}]: empty string", "input")
-            ids = [tok.bos_id, *tok.encode(item)]  # a document starts with <|bos|>, as in training
+            ids = tok.document(item)  # a document starts with <|bos|>, as in training
         else:
             ids = token_ids(item, tok.vocab_size, f"input[{i}]")
         if len(ids) > max_len:
