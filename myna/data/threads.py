@@ -95,32 +95,8 @@ def build_threads(posts: pa.Table, cfg: ThreadConfig) -> ThreadResult:
         name: posts.column(name).to_pylist()
         for name in ("id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source")
     }
-    ids, authors, texts, likes = col["id"], col["author_id"], col["text"], col["like_count"]
-
-    row_of: dict[str, int] = {}
-    for i, post_id in enumerate(ids):
-        if col["repost_of_id"][i] is not None:
-            stats["reposts_skipped"] += 1
-        elif not texts[i].strip():
-            stats["empty_text_skipped"] += 1
-        elif post_id in row_of:
-            stats["duplicate_ids"] += 1
-        else:
-            row_of[post_id] = i
-
-    parent: dict[int, int] = {}
-    children: dict[int, list[int]] = defaultdict(list)
-    roots = []
-    for i in row_of.values():
-        ref = col["in_reply_to_id"][i]
-        p = row_of.get(ref) if ref is not None else None
-        if p is None:
-            roots.append(i)
-            if ref is not None:
-                stats["orphan_roots"] += 1
-        else:
-            parent[i] = p
-            children[p].append(i)
+    row_of = _usable_rows(col, stats)
+    parent, children, roots = _reply_trees(row_of, col, stats)
 
     def path_to(row: int) -> list[int]:
         path = [row]
@@ -147,28 +123,68 @@ def build_threads(posts: pa.Table, cfg: ThreadConfig) -> ThreadResult:
         stats["max_depth"] = max(stats["max_depth"], max(depth_of.values()))
         stats["paths"] += len(leaves)
         if len(leaves) > cfg.max_paths_per_tree:
-            leaves.sort(key=lambda r: (-depth_of[r], -(likes[r] or 0), r))
+            leaves.sort(key=lambda r: (-depth_of[r], -(col["like_count"][r] or 0), r))
             stats["paths_capped"] += len(leaves) - cfg.max_paths_per_tree
             leaves = leaves[: cfg.max_paths_per_tree]
         for leaf in sorted(leaves):
-            path = path_to(leaf)
-            turns = _merge_by_author([authors[r] for r in path], [texts[r] for r in path])
-            if len(turns) < cfg.min_turns:
-                stats["paths_too_short"] += 1
-                continue
-            if len(turns) > cfg.max_turns:
-                stats["paths_truncated"] += 1
-                turns = turns[-cfg.max_turns :]
-            stats["self_thread_merges"] += len(path) - len(turns)
-            stats["multi_author_dialogues"] += len({authors[r] for r in path} - {None}) > 2
-            messages = _alternate(turns, last="assistant")
-            dialogues.append(
-                {"id": f"thread:{ids[leaf]}", "messages": messages, "source": col["source"][leaf]}
-            )
+            if (dialogue := _path_dialogue(path_to(leaf), col, cfg, stats)) is not None:
+                dialogues.append(dialogue)
     stats["unreachable_posts"] = len(row_of) - reached
     stats["dialogues"] = len(dialogues)
     stats["prefs"] = len(prefs)
     return ThreadResult(dialogues=dialogues, prefs=prefs, stats=dict(stats))
+
+
+def _usable_rows(col: dict[str, list], stats: Counter) -> dict[str, int]:
+    """Post id -> row, for the posts a thread can hold: reposts, empty texts and repeated ids left out (counted)."""
+    row_of: dict[str, int] = {}
+    for i, post_id in enumerate(col["id"]):
+        if col["repost_of_id"][i] is not None:
+            stats["reposts_skipped"] += 1
+        elif not col["text"][i].strip():
+            stats["empty_text_skipped"] += 1
+        elif post_id in row_of:
+            stats["duplicate_ids"] += 1
+        else:
+            row_of[post_id] = i
+    return row_of
+
+
+def _reply_trees(row_of: dict[str, int], col: dict[str, list], stats: Counter):
+    """(parent row of each reply, children rows of each post, root rows); a reply whose parent is missing is a
+    root (an orphan, counted)."""
+    parent: dict[int, int] = {}
+    children: dict[int, list[int]] = defaultdict(list)
+    roots = []
+    for i in row_of.values():
+        ref = col["in_reply_to_id"][i]
+        p = row_of.get(ref) if ref is not None else None
+        if p is None:
+            roots.append(i)
+            if ref is not None:
+                stats["orphan_roots"] += 1
+        else:
+            parent[i] = p
+            children[p].append(i)
+    return parent, children, roots
+
+
+def _path_dialogue(path: list[int], col: dict[str, list], cfg: ThreadConfig, stats: Counter) -> dict | None:
+    """The dialogue of one root-to-leaf path (one author's consecutive posts merged into a turn), or None when it
+    has too few turns."""
+    authors = [col["author_id"][r] for r in path]
+    turns = _merge_by_author(authors, [col["text"][r] for r in path])
+    if len(turns) < cfg.min_turns:
+        stats["paths_too_short"] += 1
+        return None
+    if len(turns) > cfg.max_turns:
+        stats["paths_truncated"] += 1
+        turns = turns[-cfg.max_turns :]
+    stats["self_thread_merges"] += len(path) - len(turns)
+    stats["multi_author_dialogues"] += len(set(authors) - {None}) > 2
+    leaf = path[-1]
+    messages = _alternate(turns, last="assistant")
+    return {"id": f"thread:{col['id'][leaf]}", "messages": messages, "source": col["source"][leaf]}
 
 
 def _pairs_for_parent(
