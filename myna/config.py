@@ -225,39 +225,32 @@ def _one_b(vocab: int) -> tuple[ModelConfig, TrainConfig]:
 LLAMA3_VOCAB = 128256
 
 
-def _llama3_8b(vocab: int) -> tuple[ModelConfig, TrainConfig]:
-    # Llama-3-8B exactly: 8,030,261,248 parameters
+def _llama3(n_layer: int, n_head: int, n_embd: int, mlp_hidden: int, tokens_per_step: int, lr: float):
+    """Llama-3's shape family: 8 kv heads, 8k context, RoPE theta 500k, no QK-norm, untied, its 128k vocab."""
     model = ModelConfig(
         vocab_size=LLAMA3_VOCAB,
-        n_layer=32,
-        n_head=32,
+        n_layer=n_layer,
+        n_head=n_head,
         n_kv_head=8,
-        n_embd=4096,
-        mlp_hidden=14336,
+        n_embd=n_embd,
+        mlp_hidden=mlp_hidden,
         max_seq_len=8192,
         rope_theta=500000.0,
         qk_norm=False,
         tie_embeddings=False,
     )
-    # Llama-3's published peak lr (3e-4) and ~4M-token batches; the horizon is still 20 tokens/param
-    return model, train_config_for(model, seq_len=8192, batch_size=1, tokens_per_step=2**22, lr=3e-4)
+    return model, train_config_for(model, seq_len=8192, batch_size=1, tokens_per_step=tokens_per_step, lr=lr)
+
+
+def _llama3_8b(vocab: int) -> tuple[ModelConfig, TrainConfig]:
+    # Llama-3-8B exactly (8,030,261,248 parameters), its published peak lr and ~4M-token batches; the horizon is
+    # still 20 tokens/param
+    return _llama3(32, 32, 4096, 14336, tokens_per_step=2**22, lr=3e-4)
 
 
 def _llama3_70b(vocab: int) -> tuple[ModelConfig, TrainConfig]:
     # Llama-3-70B exactly: 70,553,706,496 parameters
-    model = ModelConfig(
-        vocab_size=LLAMA3_VOCAB,
-        n_layer=80,
-        n_head=64,
-        n_kv_head=8,
-        n_embd=8192,
-        mlp_hidden=28672,
-        max_seq_len=8192,
-        rope_theta=500000.0,
-        qk_norm=False,
-        tie_embeddings=False,
-    )
-    return model, train_config_for(model, seq_len=8192, batch_size=1, tokens_per_step=2**24, lr=1.5e-4)
+    return _llama3(80, 64, 8192, 28672, tokens_per_step=2**24, lr=1.5e-4)
 
 
 PRESETS: dict[str, str] = {
