@@ -1,28 +1,112 @@
-"""Fixtures shared by the test modules that need a trained model: a tiny run directory made once per session."""
+"""Fixtures shared across test modules, each built once per session: torch on one thread, the sample data, one
+tiny base pre-trained on it and the runs tuned from that base, and the chat-template run the serving tests use."""
 
+import gzip
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import AIRLINES, BAD_LINES, SAMPLE, SFT_ARGS, airline_dialogues
 
 from myna.config import preset
+from myna.data.pipeline import PrepareConfig, prepare
+from myna.data.threads import write_jsonl
+from myna.eval.classify import ClassifySettings
+from myna.eval.run import evaluate_run
 from myna.model import GPT
 from myna.template import render
 from myna.tokenizer import train_tokenizer
 from myna.train import checkpoint
 from myna.train.distributed import Dist
+from myna.train.pretrain import pretrain
+from myna.train.sft import sft
 
 TWEETS = Path(__file__).parent / "fixtures" / "tok" / "tweets.txt"
 
 
-def tiny_run(root: Path) -> Path:
-    """A run dir (config.json, tokenizer.json, one checkpoint): the tiny preset trained for 100 steps on pairs of
-    real tweets in the chat template, so it writes tweet-like words and ends a reply with <|end|>."""
-    run = root / "tiny-run"
-    if (run / "checkpoints").is_dir():
-        return run
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole session: on 2 shared cores, OpenMP threads that spin against other work are
+    20x slower, and in-process sums then match those of the OMP_NUM_THREADS=1 subprocesses exactly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """`myna data prepare` on the first 2,500 positive and 2,500 negative sentiment140 tweets (vocab 512) and 150
+    airline conversations (they become dialogues.jsonl; the tokenizer and shards are the tweets' alone)."""
+    src = tmp_path_factory.mktemp("sample") / "src"
+    src.mkdir()
+    for name in ("sentiment140_positive", "sentiment140_negative"):
+        with gzip.open(SAMPLE / "posts" / f"{name}.txt.gz", "rt", encoding="utf-8") as f:
+            lines = [next(f) for _ in range(2500)]
+        (src / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
+    with gzip.open(AIRLINES, "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(150)]
+    (src / "air.conversations.jsonl").write_text("".join(lines), encoding="utf-8")
+    prepare([src], src.parent / "data", PrepareConfig(vocab_size=512, workers=1))
+    return src.parent / "data"
+
+
+@pytest.fixture(scope="session")
+def base_run(sample_data: Path, tmp_path_factory) -> Path:
+    """The shared base: the tiny preset pre-trained for 100 steps on sample_data, with room for 256 positions."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    pretrain(sample_data, run, preset="tiny", steps=100, max_seq_len=256)
+    return run
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """400 real airline dialogues as `myna data prepare` writes them, with helpers.BAD_LINES after line 10."""
+    root = tmp_path_factory.mktemp("chat")
+    write_jsonl(root / "dialogues.jsonl", airline_dialogues(0, 400))
+    lines = (root / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()
+    lines[10:10] = BAD_LINES
+    (root / "dialogues.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sft_run(base_run: Path, chat_data: Path, tmp_path_factory) -> Path:
+    """SFT of the base on chat_data with helpers.SFT_ARGS (the run test_sft checks and test_dpo tunes on)."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    sft(base_run, chat_data, run, **SFT_ARGS)
+    return run
+
+
+@pytest.fixture(scope="session")
+def eval_runs(sample_data: Path, base_run: Path, tmp_path_factory) -> dict[str, Path]:
+    """The data, the base and a 30-step SFT of the base on the data's own dialogues: what `myna eval` and the
+    report card read (the eval's chat checks use this SFT run's held-out split of the same data)."""
+    run = tmp_path_factory.mktemp("eval") / "sft"
+    sft(base_run, sample_data, run, steps=30, lr=2e-3)
+    return {"data": sample_data, "base": base_run, "sft": run}
+
+
+@pytest.fixture(scope="session")
+def sft_eval(eval_runs) -> dict:
+    """evaluate_run on the eval's SFT run with TweetEval in both modes (a probe, capped sets)."""
+    return evaluate_run(
+        eval_runs["sft"],
+        tweeteval_mode="both",
+        train_cap=800,  # emoji: the first 772 train rows hold all 20 labels
+        test_cap=30,
+        settings=ClassifySettings(mode="probe", probe_epochs=30),
+        chat_max_tokens=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A run dir apart from the base, because the serving tests need a 128-token context and a model that ends its
+    replies with <|end|>: the tiny preset trained for 100 steps on pairs of real tweets in the chat template."""
+    run = tmp_path_factory.mktemp("chat-run") / "tiny-run"
     lines = TWEETS.read_text(encoding="utf-8").splitlines()[:2000]
     tok = train_tokenizer(lines, vocab_size=512)
     pairs = [
@@ -46,26 +130,8 @@ def tiny_run(root: Path) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    run.mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text(json.dumps({"preset": "tiny", "model": asdict(mcfg)}))
     tok.save(run / "tokenizer.json")
     checkpoint.save(run, 100, model, opt, {"final_loss": loss.item()}, Dist())
     return run
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    # one thread: on 2 shared cores, two OpenMP threads that spin against other work are 20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_run(tmp_path_factory.getbasetemp())
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test: the two cores are shared, and a tiny model gains nothing from a second."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

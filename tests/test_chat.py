@@ -2,32 +2,15 @@
 moderation and context-overflow reporting."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import myna
 
 from myna.infer.chat import ChatSession, Turn
 from myna.infer.engine import Engine, SamplingParams
 from myna.moderation import Policy
 from myna.runs import load_model
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def myna(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "myna", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
 
 
 def test_generate_json_cached_equals_uncached_and_seeds_reproduce(run_dir):

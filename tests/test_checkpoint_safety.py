@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import myna
 from safetensors.torch import load_file, save_file
-from test_chat import myna
-from test_train import sample_data  # noqa: F401 (a fixture)
 
 from myna.runs import build_model, convert_checkpoint, load_model, read_config, read_metrics
 from myna.train import checkpoint
@@ -33,15 +32,11 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(sample_data: Path, tmp_path_factory) -> Path:  # noqa: F811
-    """A tiny pre-training run with checkpoints at steps 10 and 20."""
+def trained(sample_data: Path, tmp_path_factory) -> Path:
+    """A tiny pre-training run of its own, apart from the shared base: checkpoints at steps 10 and 20 to damage
+    and to resume from."""
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(sample_data, run, preset="tiny", steps=20, save_every=10, eval_every=10, warmup_steps=2)
-    finally:
-        torch.set_num_threads(n)
+    pretrain(sample_data, run, preset="tiny", steps=20, save_every=10, eval_every=10, warmup_steps=2)
     return run
 
 
@@ -152,7 +147,7 @@ def rewrite(file: Path, edit) -> None:
     save_file(tensors, str(file), metadata={"aliases": json.dumps({"lm_head.weight": "tok_emb.weight"})})
 
 
-def test_missing_block_is_named_by_generate_and_resume(run: Path, sample_data: Path):  # noqa: F811
+def test_missing_block_is_named_by_generate_and_resume(run: Path, sample_data: Path):
     for ckpt in checkpoint.list_checkpoints(run):
         rewrite(
             ckpt / "model.safetensors", lambda t: [t.pop(k) for k in list(t) if k.startswith("blocks.1.")]
@@ -187,7 +182,7 @@ def test_wrong_tensors_are_named(run: Path, edit, message: str):
         load_model(run)
 
 
-def test_damaged_newest_checkpoint_stops_resume_and_the_named_one_resumes(run: Path, sample_data: Path):  # noqa: F811
+def test_damaged_newest_checkpoint_stops_resume_and_the_named_one_resumes(run: Path, sample_data: Path):
     data = (newest(run) / "model.safetensors").read_bytes()
     (newest(run) / "model.safetensors").write_bytes(data[: len(data) // 2])
     err = one_line_error(myna("generate", "--ckpt", str(run), "--prompt", "hi", "--max-tokens", "2"))
@@ -196,14 +191,9 @@ def test_damaged_newest_checkpoint_stops_resume_and_the_named_one_resumes(run: P
     result = myna(*args, "--resume")
     assert result.returncode == 1 and "not a complete safetensors file" in result.stderr
     assert "--resume step_00000010" in result.stderr and "Traceback" not in result.stderr
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        record = pretrain(
-            sample_data, run, preset="tiny", steps=30, save_every=10, eval_every=10, resume="step_00000010"
-        )
-    finally:
-        torch.set_num_threads(n)
+    record = pretrain(
+        sample_data, run, preset="tiny", steps=30, save_every=10, eval_every=10, resume="step_00000010"
+    )
     assert record["step"] == 30
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))  # steps 11-20 redone once, not twice
@@ -230,21 +220,14 @@ def test_empty_weights_file_is_named(run: Path):
     assert "model.safetensors: not a complete safetensors file" in err
 
 
-def test_what_a_kill_left_does_not_stop_resume_and_is_cleaned(run: Path, sample_data: Path):  # noqa: F811
+def test_what_a_kill_left_does_not_stop_resume_and_is_cleaned(run: Path, sample_data: Path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "lo')  # the kill came mid-write
     leftovers = [run / "checkpoints" / name for name in (".tmp_step_00000030", ".trash_step_00000010_4242")]
     for p in [*leftovers, run / "checkpoints" / "notes"]:
         p.mkdir()
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))  # the report card draws the rest
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        record = pretrain(
-            sample_data, run, preset="tiny", steps=22, save_every=10, eval_every=10, resume=True
-        )
-    finally:
-        torch.set_num_threads(n)
+    record = pretrain(sample_data, run, preset="tiny", steps=22, save_every=10, eval_every=10, resume=True)
     assert record["step"] == 22
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 23))
@@ -293,7 +276,7 @@ def test_oversized_tokenizer_and_policy_files_are_refused_before_reading(tmp_pat
         Policy.load(tmp_path / "policy.json")
 
 
-def test_shards_of_another_vocabulary_are_refused(sample_data: Path, tmp_path: Path):  # noqa: F811
+def test_shards_of_another_vocabulary_are_refused(sample_data: Path, tmp_path: Path):
     from myna.tokenizer import train_tokenizer
 
     data = Path(shutil.copytree(sample_data, tmp_path / "data"))

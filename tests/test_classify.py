@@ -1,15 +1,14 @@
-"""Classifiers on a Myna model: reading labelled files (bad rows name their line), fine-tuning and probing a tiny
-model pre-trained here on real tweets, calibration, saving and predicting."""
+"""Classifiers on a Myna model: reading labelled files (bad rows name their line), fine-tuning and probing the
+shared tiny base pre-trained on real tweets, calibration, saving and predicting."""
 
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, myna
 
-from myna.data.pipeline import PrepareConfig, prepare
 from myna.eval.classify import (
     ClassifySettings,
     Examples,
@@ -26,42 +25,8 @@ from myna.eval.classify import (
 )
 from myna.eval.tweeteval import load_split
 from myna.runs import load_model
-from myna.train.pretrain import pretrain
 
-REPO = Path(__file__).resolve().parent.parent
-POSTS = REPO / "data" / "sample" / "posts"
 TWEETEVAL = REPO / "data" / "tweeteval"
-
-
-def tiny_run(root: Path) -> Path:
-    """A tiny-preset model pre-trained on 2,000 sentiment140 tweets (vocab 512); built once per session."""
-    run = root / "tiny_run"
-    if (run / "checkpoints").is_dir():
-        return run
-    src = root / "tiny_src"
-    src.mkdir()
-    for name in ("sentiment140_positive", "sentiment140_negative"):
-        with gzip.open(POSTS / f"{name}.txt.gz", "rt", encoding="utf-8") as f:
-            lines = [next(f) for _ in range(1000)]
-        (src / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
-    prepare([src], root / "tiny_data", PrepareConfig(vocab_size=512, workers=1))
-    torch.manual_seed(0)
-    pretrain(root / "tiny_data", run, preset="tiny", steps=100)
-    return run
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the 2 cores are shared, and OpenMP threads that wait on each other cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +138,7 @@ def test_ece_and_temperature_by_hand():
 # --- training on real data -----------------------------------------------------------------------------------------
 
 
-def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, tmp_path: Path):
+def test_finetune_beats_majority_then_saves_and_predicts(base_run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
     names = ["negative", "neutral", "positive"]
     _write_jsonl(tmp_path / "train.jsonl", train, names)
@@ -184,7 +149,7 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
     killed = tmp_path / ".clf.k1ll3d00.tmp"  # what a save killed midway leaves beside the folder
     killed.mkdir()
     report = train_classifier(
-        run, tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "clf", settings
+        base_run, tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "clf", settings
     )
     baseline = _majority_macro_f1(val.labels)
     assert report["val_metric"] > baseline + 0.1, (report["val_metric"], baseline)
@@ -222,10 +187,10 @@ def test_finetune_beats_majority_then_saves_and_predicts(run: Path, sentiment, t
                 load(tmp_path / "clf")
 
 
-def test_the_auxiliary_lm_loss_is_the_models_own_loss_on_the_unpadded_texts(run: Path, sentiment):
+def test_the_auxiliary_lm_loss_is_the_models_own_loss_on_the_unpadded_texts(base_run: Path, sentiment):
     from myna.eval.classify import Classifier, collate, encode
 
-    base = load_model(run)
+    base = load_model(base_run)
     seqs = encode(base.tokenizer, sentiment[0].texts[:3], 64)
     idx, lengths = collate(seqs, [0, 1, 2], base.tokenizer.pad_id, "cpu")
     assert len(set(lengths.tolist())) > 1  # right padding is really there
@@ -237,9 +202,9 @@ def test_the_auxiliary_lm_loss_is_the_models_own_loss_on_the_unpadded_texts(run:
     assert lm_loss.item() == pytest.approx((total / sum(len(s) - 1 for s in seqs)).item(), rel=1e-5)
 
 
-def test_probe_keeps_the_body_frozen_and_beats_majority(run: Path, sentiment, tmp_path: Path):
+def test_probe_keeps_the_body_frozen_and_beats_majority(base_run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
-    base = load_model(run)
+    base = load_model(base_run)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     trained = fit(base, train, val, ClassifySettings(mode="probe", probe_epochs=200, max_len=64))
     assert all(torch.equal(before[k], v) for k, v in trained.model.body.state_dict().items())
@@ -247,30 +212,16 @@ def test_probe_keeps_the_body_frozen_and_beats_majority(run: Path, sentiment, tm
     assert trained.report["val_ece_after"] <= trained.report["val_ece_before"] + 0.02
 
 
-def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentiment, tmp_path: Path):
-    import subprocess
-    import sys
-
+def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(base_run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
     names = ["negative", "neutral", "positive"]
     _write_jsonl(tmp_path / "train.jsonl", _first(train, 300), names)
     _write_jsonl(tmp_path / "val.jsonl", _first(val, 100), names)
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-
-    def myna(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "myna", "classify", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-
-    trained = myna("train", "--ckpt", str(run), "--train", str(tmp_path / "train.jsonl"), "--val",
-                   str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe")  # fmt: skip
+    trained = myna("classify", "train", "--ckpt", str(base_run), "--train", str(tmp_path / "train.jsonl"),
+                   "--val", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "clf"), "--mode", "probe")  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    predicted = myna("predict", "--model", str(tmp_path / "clf"), "--input", str(tmp_path / "val.jsonl"),
-                     "--out", str(tmp_path / "pred.jsonl"))  # fmt: skip
+    predicted = myna("classify", "predict", "--model", str(tmp_path / "clf"), "--input",
+                     str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "pred.jsonl"))  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == 100 and all(r["label"] in names for r in rows)
@@ -279,17 +230,17 @@ def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(run: Path, sentimen
     order = json.loads((tmp_path / "clf" / "classifier.json").read_text())["labels"]  # the classifier's order
     probs = np.array([[r["probabilities"][n] for n in order] for r in rows])
     assert [r["label"] for r in rows] == [order[k] for k in probs.argmax(1)]
-    missing = myna("train", "--ckpt", str(run))
+    missing = myna("classify", "train", "--ckpt", str(base_run))
     assert missing.returncode != 0 and "--train, --val and --out are required" in missing.stderr
 
 
 def test_the_finetune_flags_of_classify_train_and_eval_reach_the_settings():
-    from myna.cli import build_parser, finetune_settings
+    from myna.cli import parse_args
+    from myna.flags import given
 
-    parser = build_parser()
-    args = parser.parse_args(["classify", "train", "--lr-body", "1e-3", "--lm-weight", "0.25"])
-    s = ClassifySettings(mode=args.mode, **finetune_settings(args))
+    args = parse_args(["classify", "train", "--lr-body", "1e-3", "--lm-weight", "0.25"])
+    s = ClassifySettings(**given(args, ClassifySettings))
     assert (s.lr_body, s.lm_weight, s.lr_head) == (1e-3, 0.25, ClassifySettings.lr_head)
-    args = parser.parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0"])
-    s = ClassifySettings(**finetune_settings(args))
+    args = parse_args(["eval", "RUN", "--lr-head", "1e-2", "--lm-weight", "0"])
+    s = ClassifySettings(**given(args, ClassifySettings))
     assert (s.lr_head, s.lm_weight, s.lr_body) == (1e-2, 0.0, ClassifySettings.lr_body)

@@ -4,7 +4,6 @@ batch, and a sharded FSDP checkpoint loads into a plain model in a process with 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ENV, REPO, metrics, sample_data  # noqa: F401 (sample_data is a fixture)
+from helpers import ENV, REPO, free_port, metrics
 
 from myna.config import preset
 from myna.data.loader import TokenLoader
@@ -26,12 +25,6 @@ from myna.train.pretrain import pretrain
 STEPS, GLOBAL_BATCH = 10, 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SCRIPT = """
 import sys
 from myna.train.pretrain import pretrain
@@ -42,7 +35,7 @@ pretrain(data, out, preset="tiny", steps={steps}, batch_size={batch}, eval_every
 
 
 @pytest.fixture(scope="module")
-def runs(sample_data: Path, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+def runs(sample_data: Path, tmp_path_factory) -> dict[str, Path]:
     """The same 10 steps three ways: one process with batch 8, and DDP and FSDP with 2 ranks of batch 4."""
     root = tmp_path_factory.mktemp("dist")
     script = root / "run.py"
@@ -73,20 +66,15 @@ def runs(sample_data: Path, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         )
         for parallel, port in (("ddp", free_port()), ("fsdp", free_port()))
     }
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(
-            sample_data,
-            root / "single",
-            preset="tiny",
-            steps=STEPS,
-            batch_size=GLOBAL_BATCH,
-            eval_every=5,
-            warmup_steps=2,
-        )
-    finally:
-        torch.set_num_threads(n)
+    pretrain(
+        sample_data,
+        root / "single",
+        preset="tiny",
+        steps=STEPS,
+        batch_size=GLOBAL_BATCH,
+        eval_every=5,
+        warmup_steps=2,
+    )
     for parallel, p in procs.items():
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, f"{parallel}:\n{out}\n{err}"
@@ -106,7 +94,7 @@ def test_two_ranks_match_one_process(runs: dict[str, Path], parallel: str):
     assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it trained
 
 
-def test_fsdp_checkpoint_loads_in_one_plain_process(runs: dict[str, Path], sample_data: Path):  # noqa: F811
+def test_fsdp_checkpoint_loads_in_one_plain_process(runs: dict[str, Path], sample_data: Path):
     ckpt = checkpoint.latest(runs["fsdp"])
     assert (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()  # really sharded
     assert sorted(p.suffix for p in (ckpt / "dcp").iterdir()) == [".safetensors"] * 2  # one a rank, no pickle
@@ -125,24 +113,19 @@ def test_fsdp_checkpoint_loads_in_one_plain_process(runs: dict[str, Path], sampl
     assert abs(val_loss - metrics(runs["fsdp"])[-1]["val_loss"]) < 1e-5
 
 
-def test_fsdp_run_resumes_in_one_process(runs: dict[str, Path], sample_data: Path, tmp_path: Path):  # noqa: F811
+def test_fsdp_run_resumes_in_one_process(runs: dict[str, Path], sample_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(runs["fsdp"], run)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(
-            sample_data,
-            run,
-            preset="tiny",
-            steps=STEPS + 2,
-            batch_size=GLOBAL_BATCH,
-            eval_every=5,
-            warmup_steps=2,
-            resume=True,
-        )
-    finally:
-        torch.set_num_threads(n)
+    pretrain(
+        sample_data,
+        run,
+        preset="tiny",
+        steps=STEPS + 2,
+        batch_size=GLOBAL_BATCH,
+        eval_every=5,
+        warmup_steps=2,
+        resume=True,
+    )
     assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 3))
     assert (checkpoint.latest(run) / "model.safetensors").exists()
     assert os.path.isdir(run / "checkpoints" / f"step_{STEPS:08d}" / "dcp")

@@ -1,5 +1,5 @@
-"""DPO from the SFT run of test_sft on pairs of real text: the loss is the hand-computed formula, the policy comes
-to prefer the chosen replies on training and held-out pairs, and the reference stays the SFT model.
+"""DPO from the shared SFT run (conftest's sft_run) on pairs of real text: the loss is the hand-computed formula,
+the policy comes to prefer the chosen replies on training and held-out pairs, and the reference stays the SFT model.
 
 No bundled preference file has likes enough to train on (the v2 reply trees give a couple of dozen pairs), so the
 training pairs are built honestly from real conversations: the prompt is a real airline customer-care dialogue up
@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_sft import AIRLINES, REPO, base_run, chat_data, metrics, one_thread, sft_run  # noqa: F401
-from test_threads import load_v2_posts
-from test_train import sample_data  # noqa: F401 (a fixture of the fixtures above)
+from helpers import SAMPLE, airline_dialogues, load_v2_posts, metrics
 
 from myna.data.schema import Reject, posts_to_table
 from myna.data.threads import ThreadConfig, build_threads, read_conversations, write_jsonl
@@ -23,7 +21,7 @@ from myna.runs import load_model
 from myna.train.dpo import dpo, dpo_loss, encode_pair, parse_pair, reply_logprobs
 from myna.train.tuning import held_out, opening, read_records
 
-CASUAL = REPO / "data" / "sample" / "conversations" / "phylliida_twconv.conversations.jsonl"
+CASUAL = SAMPLE / "conversations" / "phylliida_twconv.conversations.jsonl"
 STEPS, BETA, SEQ_LEN = 30, 0.1, 192
 DPO_ARGS = {"steps": STEPS, "beta": BETA, "lr": 3e-4, "batch_size": 4, "eval_every": 10, "seq_len": SEQ_LEN}
 
@@ -31,7 +29,7 @@ DPO_ARGS = {"steps": STEPS, "beta": BETA, "lr": 3e-4, "batch_size": 4, "eval_eve
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory) -> Path:
     """240 pairs from airline dialogues 400..639 (SFT trained on 0..399) and casual replies; one broken line."""
-    airline = [d for d in read_conversations(AIRLINES) if not isinstance(d, Reject)][400:640]
+    airline = airline_dialogues(400, 640)
     casual = [d for d in read_conversations(CASUAL) if not isinstance(d, Reject)]
     pairs = [
         {
@@ -49,10 +47,9 @@ def prefs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(sft_run: Path, prefs: Path, tmp_path_factory) -> Path:  # noqa: F811
+def dpo_run(sft_run: Path, prefs: Path, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("dpo") / "run"
-    with one_thread():
-        dpo(sft_run, prefs, run, **DPO_ARGS)
+    dpo(sft_run, prefs, run, **DPO_ARGS)
     return run
 
 
@@ -68,7 +65,7 @@ def test_loss_matches_hand_computation():
     assert loss2.tolist() == pytest.approx(F.softplus(-torch.tensor([2.0, -1.0])).tolist())
 
 
-def test_reply_logprobs_sum_the_reply_tokens_only(sft_run: Path):  # noqa: F811
+def test_reply_logprobs_sum_the_reply_tokens_only(sft_run: Path):
     loaded = load_model(sft_run)
     tok, model = loaded.tokenizer, loaded.model
     pair = {"prompt": [{"role": "user", "content": "lost my bag"}], "chosen": "So sorry!", "rejected": "lol"}
@@ -83,7 +80,7 @@ def test_reply_logprobs_sum_the_reply_tokens_only(sft_run: Path):  # noqa: F811
         assert float(reply_logprobs(model, x, y)[0]) == pytest.approx(by_hand, abs=1e-4)
 
 
-def test_policy_learns_the_preference_and_the_reference_stays(dpo_run: Path, sft_run: Path, prefs: Path):  # noqa: F811
+def test_policy_learns_the_preference_and_the_reference_stays(dpo_run: Path, sft_run: Path, prefs: Path):
     rows = metrics(dpo_run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
@@ -116,7 +113,7 @@ def test_policy_learns_the_preference_and_the_reference_stays(dpo_run: Path, sft
     assert (dpo_run / "tokenizer.json").is_file() and (dpo_run / "rejects.jsonl").is_file()
 
 
-def test_like_ranked_pairs_from_real_reply_trees_are_valid_records(sft_run: Path, tmp_path: Path):  # noqa: F811
+def test_like_ranked_pairs_from_real_reply_trees_are_valid_records(sft_run: Path, tmp_path: Path):
     tok = load_model(sft_run).tokenizer
     found = build_threads(posts_to_table(load_v2_posts()), ThreadConfig()).prefs
     write_jsonl(tmp_path / "prefs.jsonl", found)

@@ -1,8 +1,8 @@
-"""`myna eval RUN` on a tiny base and its SFT run, both trained here on a cut of the bundled sample: eval.json holds
-every number in a sane range, bits per byte agree with the loss and the val shard's own bytes, the chat checks run
-on the SFT's held-out split, TweetEval runs in both modes on capped sets, and missing data fails clearly."""
+"""`myna eval RUN` on the shared tiny base and an SFT run of it (conftest's eval_runs, trained on a cut of the
+bundled sample): eval.json holds every number in a sane range, bits per byte agree with the loss and the val
+shard's own bytes, the chat checks run on the SFT's held-out split, TweetEval runs in both modes on capped sets,
+and missing data fails clearly."""
 
-import gzip
 import json
 import math
 import shutil
@@ -10,117 +10,45 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import metrics
 
-from myna.data.pipeline import PrepareConfig, prepare
 from myna.data.shards import read_shard
-from myna.eval.classify import ClassifySettings
 from myna.eval.run import SAMPLE_CONVERSATIONS, evaluate_run, format_eval, lineage
 from myna.eval.tweeteval import TASKS
 from myna.tokenizer import Tokenizer
-from myna.train.pretrain import pretrain
-from myna.train.sft import sft
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "data" / "sample"
 QUICK = {"chat_max_tokens": 16, "tweeteval_mode": "none"}
 
-_built: dict[str, object] = {}
 
-
-def once(name: str, build):
-    """Build once per test session (test_report imports these fixtures; pytest would build each copy)."""
-    if name not in _built:
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _built[name] = build()
-        finally:
-            torch.set_num_threads(n)
-    return _built[name]
-
-
-def _head(src: Path, dst: Path, n: int) -> None:
-    opener = gzip.open if src.suffix == ".gz" else open
-    with opener(src, "rt", encoding="utf-8") as f:
-        dst.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """`myna data prepare` on 3,000 real tweets and 150 airline conversations, a tiny base pre-trained 120 steps,
-    and an SFT run of 30 steps on the data's dialogues."""
-
-    def build() -> dict[str, Path]:
-        root = tmp_path_factory.mktemp("evalruns")
-        (root / "src" / "posts").mkdir(parents=True)
-        (root / "src" / "conversations").mkdir()
-        for name in ("sentiment140_positive", "sentiment140_negative"):
-            _head(SAMPLE / "posts" / f"{name}.txt.gz", root / "src" / "posts" / f"{name}.txt", 1500)
-        conv = SAMPLE / "conversations" / "twcs_airlines.conversations.jsonl.gz"
-        _head(conv, root / "src" / "conversations" / "air.conversations.jsonl", 150)
-        data = root / "data"
-        prepare(
-            [root / "src" / "posts", root / "src" / "conversations"],
-            data,
-            PrepareConfig(vocab_size=512, workers=1),
-        )
-        torch.manual_seed(0)
-        pretrain(data, root / "base", preset="tiny", steps=120)
-        sft(root / "base", data, root / "sft", steps=30, lr=2e-3)
-        return {"data": data, "base": root / "base", "sft": root / "sft"}
-
-    return once("runs", build)
-
-
-@pytest.fixture(scope="session")
-def sft_eval(runs) -> dict:
-    """evaluate_run on the SFT run with TweetEval in both modes (a probe, capped sets)."""
-
-    def build() -> dict:
-        return evaluate_run(
-            runs["sft"],
-            tweeteval_mode="both",
-            train_cap=800,  # emoji: the first 772 train rows hold all 20 labels
-            test_cap=30,
-            settings=ClassifySettings(mode="probe", probe_epochs=30),
-            chat_max_tokens=16,
-        )
-
-    return once("sft_eval", build)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_val_bpb_matches_the_loss_and_the_shards_own_bytes(runs, sft_eval):
-    base = once("base_eval", lambda: evaluate_run(runs["base"], runs["base"] / "eval.json", **QUICK))
-    assert json.loads((runs["base"] / "eval.json").read_text()) == json.loads(json.dumps(base))
+def test_val_bpb_matches_the_loss_and_the_shards_own_bytes(eval_runs, sft_eval):
+    base = evaluate_run(eval_runs["base"], eval_runs["base"] / "eval.json", **QUICK)
+    assert json.loads((eval_runs["base"] / "eval.json").read_text()) == json.loads(json.dumps(base))
     v = base["val"]
     # bytes per token counted here, independently, over the targets of the windows the eval read
-    tok = Tokenizer.from_file(runs["data"] / "tokenizer.json")
-    shard = np.concatenate([read_shard(p) for p in sorted((runs["data"] / "shards" / "val").glob("*.bin"))])
+    tok = Tokenizer.from_file(eval_runs["data"] / "tokenizer.json")
+    shard = np.concatenate(
+        [read_shard(p) for p in sorted((eval_runs["data"] / "shards" / "val").glob("*.bin"))]
+    )
     targets = shard[1 : v["tokens"] + 1]
     nbytes = sum(len(tok.token_bytes[t]) for t in targets.tolist())
     assert v["bpb"] == pytest.approx(v["loss"] / math.log(2) / (nbytes / v["tokens"]), rel=1e-6)
     assert 1.5 < v["bytes_per_token"] < 3.5 and 0.5 < v["bpb"] < 5
     # the training run's last evaluation read a subset of the same windows: close, not equal
-    last = [r for r in _metrics(runs["base"]) if "val_bpb" in r][-1]
+    last = [r for r in metrics(eval_runs["base"]) if "val_bpb" in r][-1]
     assert v["bpb"] == pytest.approx(last["val_bpb"], rel=0.1)
     # SFT moved the model, but its val posts are the base's (followed through the "base" link)
-    assert sft_eval["val"]["data"] == str(runs["data"]) and sft_eval["val"]["tokens"] == v["tokens"]
+    assert sft_eval["val"]["data"] == str(eval_runs["data"]) and sft_eval["val"]["tokens"] == v["tokens"]
     assert base["stage"] == "base" and base["chat"]["note"].startswith("base model")
     assert base["tweeteval"] == {} and base["settings"]["tweeteval_mode"] == "none"
 
 
-def test_chat_checks_on_the_held_out_split(runs, sft_eval):
+def test_chat_checks_on_the_held_out_split(eval_runs, sft_eval):
     chat = sft_eval["chat"]
     assert sft_eval["stage"] == chat["stage"] == "sft" and chat["note"] == ""
-    config = json.loads((runs["sft"] / "config.json").read_text())
+    config = json.loads((eval_runs["sft"] / "config.json").read_text())
     assert chat["held_out"] == config["data_stats"]["held_out"]
     # the same split, sequence length and loss as SFT's own evaluation of its final checkpoint
-    assert chat["held_out_loss"] == pytest.approx(_metrics(runs["sft"])[-1]["val_loss"], rel=1e-4)
+    assert chat["held_out_loss"] == pytest.approx(metrics(eval_runs["sft"])[-1]["val_loss"], rel=1e-4)
     c = chat["compliance"]
     assert c["prompts"] == chat["held_out"] and 0 <= c["closed_with_end"] <= c["prompts"]
     assert 0.0 <= c["rate"] <= 1.0 and 1 <= c["mean_reply_tokens"] <= 16
@@ -131,7 +59,7 @@ def test_chat_checks_on_the_held_out_split(runs, sft_eval):
     assert sft_eval["step"] == 30 and sft_eval["checkpoint"].endswith("step_00000030")
 
 
-def test_tweeteval_both_modes_on_capped_sets(sft_eval, runs):
+def test_tweeteval_both_modes_on_capped_sets(sft_eval, eval_runs):
     te = sft_eval["tweeteval"]
     assert set(te) == {"classifier", "lm"}
     for mode, r in te.items():
@@ -141,7 +69,7 @@ def test_tweeteval_both_modes_on_capped_sets(sft_eval, runs):
         # sentiment's train split is a rebuild: the classifier learned from it, zero-shot scoring did not
         assert r["notes"] == ({"sentiment": "approx. train"} if mode == "classifier" else {})
         assert r["test_cap"] == 30
-        assert (runs["sft"] / "tweeteval" / mode / "result.json").is_file()
+        assert (eval_runs["sft"] / "tweeteval" / mode / "result.json").is_file()
         assert "not comparable" in r["name"]
     assert (
         te["classifier"]["tasks"]["irony"]["train_rows"] == 800
@@ -155,28 +83,28 @@ def test_tweeteval_both_modes_on_capped_sets(sft_eval, runs):
     assert "Sample conversations" in text and "closed with" in text
 
 
-def test_missing_data_fails_clearly(runs, tmp_path: Path):
+def test_missing_data_fails_clearly(eval_runs, tmp_path: Path):
     with pytest.raises(ValueError, match="tweeteval_mode='all'"):
-        evaluate_run(runs["base"], tmp_path / "e.json", tweeteval_mode="all")
+        evaluate_run(eval_runs["base"], tmp_path / "e.json", tweeteval_mode="all")
     with pytest.raises(FileNotFoundError, match="no TweetEval data folder"):
-        evaluate_run(runs["base"], tmp_path / "e.json", tweeteval=tmp_path / "nope")
+        evaluate_run(eval_runs["base"], tmp_path / "e.json", tweeteval=tmp_path / "nope")
 
     gone = tmp_path / "base"
-    shutil.copytree(runs["base"], gone)
+    shutil.copytree(eval_runs["base"], gone)
     config = json.loads((gone / "config.json").read_text())
     (gone / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "deleted")}))
     with pytest.raises(FileNotFoundError, match=r"data directory .*deleted is gone \(no .*shards/val\)"):
         evaluate_run(gone, **QUICK)
 
     orphan = tmp_path / "sft"
-    shutil.copytree(runs["sft"], orphan, ignore=shutil.ignore_patterns("eval.json", "tweeteval"))
+    shutil.copytree(eval_runs["sft"], orphan, ignore=shutil.ignore_patterns("eval.json", "tweeteval"))
     config = json.loads((orphan / "config.json").read_text())
     (orphan / "config.json").write_text(
         json.dumps({**config, "base": str(tmp_path / "x" / "checkpoints" / "step_1")})
     )
     with pytest.raises(FileNotFoundError, match=r"sft/config.json: its base run .* is gone"):
         evaluate_run(orphan, **QUICK)
-    assert not (orphan / "eval.json").exists() and [d for d, _ in lineage(runs["sft"])] == [
-        runs["sft"],
-        runs["base"],
+    assert not (orphan / "eval.json").exists() and [d for d, _ in lineage(eval_runs["sft"])] == [
+        eval_runs["sft"],
+        eval_runs["base"],
     ]

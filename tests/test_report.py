@@ -6,8 +6,6 @@ import shutil
 import struct
 from pathlib import Path
 
-from test_eval import runs, sft_eval  # noqa: F401 (fixtures)
-
 from myna.eval.report import training_time, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,9 +18,9 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_report_of_an_evaluated_sft_run(runs, sft_eval):  # noqa: F811
-    path = write_report(runs["sft"])
-    assert path == runs["sft"] / "report.md"
+def test_report_of_an_evaluated_sft_run(eval_runs, sft_eval):
+    path = write_report(eval_runs["sft"])
+    assert path == eval_runs["sft"] / "report.md"
     text = path.read_text()
     for heading in (
         "# Report card",
@@ -34,10 +32,10 @@ def test_report_of_an_evaluated_sft_run(runs, sft_eval):  # noqa: F811
     ):
         assert heading in text
     assert "## Hardware and time" in text and "| torch |" in text
-    funnel = json.loads((runs["data"] / "funnel.json").read_text())
+    funnel = json.loads((eval_runs["data"] / "funnel.json").read_text())
     assert f"| input | {funnel['input']:,} |" in text
     # the SFT run's curves and its base's, each linked from the report
-    pngs = sorted((runs["sft"] / "report").glob("*.png"))
+    pngs = sorted((eval_runs["sft"] / "report").glob("*.png"))
     assert [p.name for p in pngs] == ["0_sft_curves.png", "1_base_curves.png"]
     for p in pngs:
         w, h = png_size(p)
@@ -48,14 +46,14 @@ def test_report_of_an_evaluated_sft_run(runs, sft_eval):  # noqa: F811
     assert "training time (from tokens/s)" in text
 
 
-def test_report_without_eval_json(runs, tmp_path: Path):  # noqa: F811
+def test_report_without_eval_json(eval_runs, tmp_path: Path):
     base = tmp_path / "base"
-    shutil.copytree(runs["base"], base, ignore=shutil.ignore_patterns("eval.json", "report*"))
+    shutil.copytree(eval_runs["base"], base, ignore=shutil.ignore_patterns("eval.json", "report*"))
     text = write_report(base).read_text()
     assert f"No eval.json yet: run `myna eval {base}`" in text
     assert "## Data funnel" in text and "## Training" in text and "### Held-out posts" not in text
     assert png_size(base / "report" / "0_base_curves.png")[0] >= 600
-    # training time is rebuilt from tokens/s: 120 steps of 8 x 128 tokens
+    # training time is rebuilt from tokens/s: 100 steps of 8 x 128 tokens
     rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((base / "config.json").read_text())
     expected = sum(8 * 128 / r["tokens_per_s"] for r in rows)

@@ -12,16 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_distributed import free_port
-from test_train import ENV, REPO, metrics, sample_data  # noqa: F401 (sample_data is a fixture)
+from helpers import BAD_LINES, ENV, REPO, SFT_ARGS, airline_dialogues, free_port, metrics
 
-from myna.data.schema import Reject
-from myna.data.threads import read_conversations, write_jsonl
 from myna.runs import load_model
 from myna.template import render
 from myna.train import checkpoint
 from myna.train.distributed import Dist
-from myna.train.pretrain import pretrain
 from myna.train.sft import (
     PackedLoader,
     assistant_eval_fn,
@@ -33,70 +29,7 @@ from myna.train.sft import (
 )
 from myna.train.tuning import held_out, opening, read_records
 
-AIRLINES = REPO / "data" / "sample" / "conversations" / "twcs_airlines.conversations.jsonl.gz"
-STEPS, SAVE_EVERY, STALL_AT = 48, 12, 14
-SFT_ARGS = {"steps": STEPS, "lr": 2e-3, "eval_every": SAVE_EVERY, "save_every": SAVE_EVERY}
-BAD_LINES = [
-    "{not json",
-    json.dumps({"messages": [{"role": "robot", "content": "beep"}]}),
-    json.dumps({"messages": [{"role": "user", "content": "anyone there?"}]}),
-    json.dumps({"id": "x"}),
-]
-
-
-class one_thread:
-    """One thread: the same sums in this process as in the subprocesses (OMP_NUM_THREADS=1)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
-
-
-def airline_dialogues(start: int, stop: int) -> list[dict]:
-    found = [d for d in read_conversations(AIRLINES) if not isinstance(d, Reject)]
-    return found[start:stop]
-
-
-_built: dict[str, Path] = {}
-
-
-def once(name: str, build) -> Path:
-    """Build a run once per test session: test_dpo imports these fixtures, and pytest would run each copy."""
-    if name not in _built:
-        with one_thread():
-            _built[name] = build()
-    return _built[name]
-
-
-@pytest.fixture(scope="session")
-def base_run(sample_data: Path, tmp_path_factory) -> Path:  # noqa: F811
-    """A tiny GPT pre-trained for 100 steps on 5,000 tweets (room for 256 positions)."""
-    run = tmp_path_factory.getbasetemp() / "base_run"
-    return once("base", lambda: pretrain(sample_data, run, preset="tiny", steps=100, max_seq_len=256) and run)
-
-
-@pytest.fixture(scope="session")
-def chat_data(tmp_path_factory) -> Path:
-    """400 real airline dialogues as `myna data prepare` writes them, with 4 broken lines after line 10."""
-
-    def build() -> Path:
-        root = tmp_path_factory.mktemp("chat")
-        write_jsonl(root / "dialogues.jsonl", airline_dialogues(0, 400))
-        lines = (root / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()
-        lines[10:10] = BAD_LINES
-        (root / "dialogues.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return root
-
-    return once("chat", build)
-
-
-@pytest.fixture(scope="session")
-def sft_run(base_run: Path, chat_data: Path, tmp_path_factory) -> Path:
-    run = tmp_path_factory.getbasetemp() / "sft_run"
-    return once("sft", lambda: sft(base_run, chat_data, run, **SFT_ARGS) and run)
+STEPS, SAVE_EVERY, STALL_AT = SFT_ARGS["steps"], SFT_ARGS["save_every"], 14
 
 
 def held_out_loss(run: Path, chat_data: Path, seq_len: int = 128) -> float:
@@ -108,8 +41,7 @@ def held_out_loss(run: Path, chat_data: Path, seq_len: int = 128) -> float:
     ]
     examples, _ = encode_dialogues(val, loaded.tokenizer, seq_len)
     loader = PackedLoader(examples, 8, seq_len, loaded.tokenizer.pad_id, repeat=False)
-    with one_thread():
-        return assistant_eval_fn(Dist(), 10**6)(loaded.model, loader, nullcontext)["val_loss"]
+    return assistant_eval_fn(Dist(), 10**6)(loaded.model, loader, nullcontext)["val_loss"]
 
 
 def test_held_out_assistant_loss_falls(sft_run: Path, base_run: Path, chat_data: Path):
@@ -234,8 +166,7 @@ def test_resume_after_sigkill_is_exact(sft_run: Path, base_run: Path, chat_data:
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     assert [c.name for c in checkpoint.list_checkpoints(run)] == [f"step_{SAVE_EVERY:08d}"]
-    with one_thread():
-        sft(base_run, chat_data, run, resume=True, **SFT_ARGS)
+    sft(base_run, chat_data, run, resume=True, **SFT_ARGS)
     a, b = metrics(sft_run), metrics(run)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b, strict=True):
@@ -283,8 +214,7 @@ def test_two_ddp_ranks_match_one_process(base_run: Path, chat_data: Path, tmp_pa
         stderr=subprocess.PIPE,
         text=True,
     )
-    with one_thread():
-        sft(base_run, chat_data, tmp_path / "single", **{**DDP_ARGS, "batch_size": 8})
+    sft(base_run, chat_data, tmp_path / "single", **{**DDP_ARGS, "batch_size": 8})
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, f"{out}\n{err}"
     single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")

@@ -4,29 +4,19 @@ stage done."""
 
 import gzip
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "data" / "sample"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+from helpers import ENV, SAMPLE, free_port
 
 
 def head(src: Path, dst: Path, n: int) -> None:
     with gzip.open(src, "rt", encoding="utf-8") as f:
         dst.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_speedrun_trains_tunes_samples_and_serves(tmp_path):

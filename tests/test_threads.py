@@ -1,12 +1,12 @@
 import gzip
 import itertools
 import json
-from datetime import datetime
 from pathlib import Path
 
 import orjson
 import pytest
 import zstandard
+from helpers import load_v2_posts
 
 from myna.data.schema import Reject, new_post, posts_to_table
 from myna.data.threads import ThreadConfig, build_threads, read_conversations, write_jsonl
@@ -15,7 +15,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "conversation
 TWCS = SAMPLE / "twcs_airlines.conversations.jsonl.gz"
 IBM = [SAMPLE / "ibm_dev.conversations.jsonl.gz", SAMPLE / "ibm_test.conversations.jsonl.gz"]
 PHYLLIIDA = SAMPLE / "phylliida_twconv.conversations.jsonl"
-V2_POSTS = Path(__file__).resolve().parent / "fixtures" / "threads" / "twarc_v2_entities_test.posts.jsonl.gz"
 
 
 def post(id, author, text, parent=None, likes=None, **fields):
@@ -154,19 +153,6 @@ def test_config_rejects_margins_that_allow_ties():
         ThreadConfig(pref_min_likes=0)
     with pytest.raises(ValueError):
         ThreadConfig(min_turns=5, max_turns=4)
-
-
-def load_v2_posts():
-    """Real API v2 tweets (twarc-csv fixture), flattened to Post fields; see PROVENANCE.md."""
-    posts = []
-    with gzip.open(V2_POSTS, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            rec = json.loads(line)
-            created = datetime.fromisoformat(rec.pop("created_at").replace("Z", "+00:00"))
-            posts.append(
-                new_post(rec.pop("id"), rec.pop("text"), f"{V2_POSTS.name}:{n}", created_at=created, **rec)
-            )
-    return posts
 
 
 def test_real_v2_reply_trees():

@@ -1,10 +1,8 @@
 """Training on real tweets: the tiny preset learns, resume after SIGKILL is exact, a kill during a checkpoint
 write never spoils the previous checkpoint, schedules and optimizers behave."""
 
-import gzip
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -15,37 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, REPO, metrics
 from safetensors import safe_open
 
 from myna.config import TrainConfig
-from myna.data.pipeline import PrepareConfig, prepare
 from myna.data.shards import read_shard
 from myna.train import checkpoint
 from myna.train.optim import lr_at, orthogonalize, param_groups
 from myna.train.pretrain import pretrain
-
-REPO = Path(__file__).resolve().parent.parent
-POSTS = REPO / "data" / "sample" / "posts"
-# One thread: exact reproducibility across processes, and no OpenMP thrashing when the 2 cores are shared.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    """`myna data prepare` on the first 2,500 positive and 2,500 negative sentiment140 tweets, vocab 512."""
-    root = tmp_path_factory.mktemp("sample")
-    src = root / "src"
-    src.mkdir()
-    for name in ("sentiment140_positive", "sentiment140_negative"):
-        with gzip.open(POSTS / f"{name}.txt.gz", "rt", encoding="utf-8") as f:
-            lines = [next(f) for _ in range(2500)]
-        (src / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
-    prepare([src], root / "data", PrepareConfig(vocab_size=512, workers=1))
-    return root / "data"
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def unigram_entropy(shard_dir: Path) -> float:
@@ -55,7 +30,7 @@ def unigram_entropy(shard_dir: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def test_tiny_learns_well_below_unigram_entropy(sample_data: Path, tmp_path: Path, one_thread):
+def test_tiny_learns_well_below_unigram_entropy(sample_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     record = pretrain(sample_data, run, preset="tiny", steps=200)
     entropy = unigram_entropy(sample_data / "shards" / "train")
@@ -221,7 +196,7 @@ def test_newton_schulz_orthogonalises():
     assert torch.linalg.svdvals(orthogonalize(g.T)).max() < 1.3
 
 
-def test_muon_trains_tiny(sample_data: Path, tmp_path: Path, one_thread):
+def test_muon_trains_tiny(sample_data: Path, tmp_path: Path):
     record = pretrain(sample_data, tmp_path / "run", preset="tiny", steps=60, optimizer="muon")
     assert record["val_loss"] < unigram_entropy(sample_data / "shards" / "train") - 0.3
     with safe_open(str(checkpoint.latest(tmp_path / "run") / "optimizer.safetensors"), "pt") as f:

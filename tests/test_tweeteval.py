@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_classify import tiny_run
+from helpers import REPO, myna
 
 from myna.eval.classify import ClassifySettings
 from myna.eval.tweeteval import (
@@ -23,7 +23,6 @@ from myna.eval.tweeteval import (
     write_predictions,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "tweeteval"
 ROBRT = DATA / "reference_predictions_robrt"
 
@@ -102,10 +101,9 @@ def test_table_marks_sentiment_as_approx_train():
 
 
 @pytest.mark.parametrize("shots", [0, 2])
-def test_lm_label_scoring_on_a_subset(one_thread, tmp_path_factory, tmp_path: Path, shots: int):
-    run = tiny_run(tmp_path_factory.getbasetemp())
+def test_lm_label_scoring_on_a_subset(base_run: Path, tmp_path: Path, shots: int):
     result = run_tweeteval(
-        run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
+        base_run, DATA, tmp_path, mode="lm", shots=shots, test_cap=40, tasks=("irony", "sentiment")
     )
     assert set(result["scores"]) == {"irony", "sentiment"}
     assert all(0.0 <= v <= 100.0 for v in result["scores"].values())
@@ -113,58 +111,38 @@ def test_lm_label_scoring_on_a_subset(one_thread, tmp_path_factory, tmp_path: Pa
     assert (tmp_path / "result.json").is_file()
 
 
-def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(
-    one_thread, tmp_path_factory, tmp_path: Path
-):
+def test_a_capped_train_set_missing_a_class_still_trains_on_all_of_them(base_run: Path, tmp_path: Path):
     # emoji's first 60 train rows lack some of its 20 classes, which its val set has
     assert len(set(load_split(DATA, "emoji", "train", 60).labels)) < 20
-    run = tiny_run(tmp_path_factory.getbasetemp())
     settings = ClassifySettings(mode="probe", probe_epochs=20)
     result = run_tweeteval(
-        run, DATA, tmp_path, train_cap=60, test_cap=40, settings=settings, tasks=("emoji",)
+        base_run, DATA, tmp_path, train_cap=60, test_cap=40, settings=settings, tasks=("emoji",)
     )
     assert 0.0 <= result["scores"]["emoji"] <= 100.0
 
 
 def test_the_cli_scores_a_predictions_folder_without_marking_it():
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "myna",
-            "eval",
-            "tweeteval-score",
-            "--predictions",
-            str(DATA / "reference_predictions_robrt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = myna("tweeteval", "score", "--predictions", str(DATA / "reference_predictions_robrt"))
     assert done.returncode == 0, done.stderr
     row = done.stdout.splitlines()[-1]
     assert row.startswith("| **reference_predictions_robrt** |") and row.endswith("| **65.2** |")
     assert "approx. train" not in row  # upstream's model trained on the real sentiment train split
 
 
-def test_seeds_average_the_probabilities_of_classifiers_trained_apart(
-    one_thread, tmp_path_factory, tmp_path: Path
-):
+def test_seeds_average_the_probabilities_of_classifiers_trained_apart(base_run: Path, tmp_path: Path):
     from dataclasses import replace
 
     from myna.eval.classify import fit, predict_proba
     from myna.runs import load_model
 
-    run = tiny_run(tmp_path_factory.getbasetemp())
     s = ClassifySettings(epochs=1, max_len=48)
-    result = run_tweeteval(run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
+    result = run_tweeteval(base_run, DATA, tmp_path, train_cap=80, settings=s, tasks=("irony",), seeds=2)
     train, val = load_split(DATA, "irony", "train", 80), load_split(DATA, "irony", "val")
     test = load_split(DATA, "irony", "test")
     metric = lambda g, p: task_metric("irony", g, p)  # noqa: E731
-    members = [fit(load_model(run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)]
+    members = [
+        fit(load_model(base_run), train, val, replace(s, seed=seed), metric, [0, 1]) for seed in (0, 1)
+    ]
     probs = [predict_proba(m, test.texts) for m in members]
     val_probs = [predict_proba(m, val.texts) for m in members]
     # each member is the classifier its seed trains alone; the written predictions are their averaged
@@ -181,22 +159,19 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]
 
 
-def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
-    one_thread, tmp_path_factory, tmp_path: Path
-):
+def test_seed_choice_best_keeps_the_classifier_val_scores_highest(base_run: Path, tmp_path: Path):
     from dataclasses import replace
 
     from myna.eval.classify import fit, predict_proba
     from myna.runs import load_model
 
-    run = tiny_run(tmp_path_factory.getbasetemp())
     s = ClassifySettings(epochs=1, max_len=48)
     result = run_tweeteval(
-        run, DATA, tmp_path, train_cap=80, settings=s, tasks=("stance",), seeds=2, seed_choice="best"
+        base_run, DATA, tmp_path, train_cap=80, settings=s, tasks=("stance",), seeds=2, seed_choice="best"
     )
     train, val = load_split(DATA, "stance", "train", 80), load_split(DATA, "stance", "val")
     metric = lambda g, p: task_metric("stance", g, p)  # noqa: E731
-    members = [fit(load_model(run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
+    members = [fit(load_model(base_run), train, val, replace(s, seed=k), metric, [0, 1, 2]) for k in (0, 1)]
     test = load_split(DATA, "stance", "test")
     preds = [predict_proba(m, test.texts).argmax(1).tolist() for m in members]
     scores = [m.report["val_metric"] for m in members]
@@ -211,4 +186,4 @@ def test_seed_choice_best_keeps_the_classifier_val_scores_highest(
     ]
     assert written == preds[best] and "best of 2 seeds on val" in result["mode"]
     with pytest.raises(ValueError, match="seed_choice"):
-        run_tweeteval(run, DATA, tmp_path, tasks=("stance",), seed_choice="median")
+        run_tweeteval(base_run, DATA, tmp_path, tasks=("stance",), seed_choice="median")
