@@ -13,6 +13,7 @@ from myna.moderation import Policy
 from myna.runs import load_model
 
 
+@pytest.mark.slow
 def test_generate_json_cached_equals_uncached_and_seeds_reproduce(run_dir):
     common = ["generate", "--ckpt", str(run_dir), "--prompt", "i love", "--max-tokens", "12", "--json"]
     greedy = myna(*common, "--temperature", "0")
@@ -26,6 +27,7 @@ def test_generate_json_cached_equals_uncached_and_seeds_reproduce(run_dir):
     assert a["text"] == b["text"]
 
 
+@pytest.mark.slow
 def test_generate_streams_plain_text_and_reports_a_missing_run(run_dir, tmp_path):
     done = myna("generate", "--ckpt", str(run_dir), "--prompt", "good morning", "--max-tokens", "8", "--chat")
     assert done.returncode == 0 and done.stdout.strip(), done.stderr

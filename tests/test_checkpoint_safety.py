@@ -108,6 +108,7 @@ def legacy_plain(run: Path) -> dict:
     return opt.state_dict()
 
 
+@pytest.mark.slow
 def test_convert_rewrites_an_old_plain_checkpoint(run: Path):
     expected = legacy_plain(run)
     one_line_error(myna("checkpoint", "convert", str(run)))  # unpickling needs the user's word
@@ -182,6 +183,7 @@ def test_wrong_tensors_are_named(run: Path, edit, message: str):
         load_model(run)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_stops_resume_and_the_named_one_resumes(run: Path, sample_data: Path):
     data = (newest(run) / "model.safetensors").read_bytes()
     (newest(run) / "model.safetensors").write_bytes(data[: len(data) // 2])

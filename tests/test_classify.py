@@ -138,6 +138,7 @@ def test_ece_and_temperature_by_hand():
 # --- training on real data -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_beats_majority_then_saves_and_predicts(base_run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
     names = ["negative", "neutral", "positive"]
@@ -212,6 +213,7 @@ def test_probe_keeps_the_body_frozen_and_beats_majority(base_run: Path, sentimen
     assert trained.report["val_ece_after"] <= trained.report["val_ece_before"] + 0.02
 
 
+@pytest.mark.slow
 def test_the_cli_trains_a_probe_and_predicts_as_a_user_would(base_run: Path, sentiment, tmp_path: Path):
     train, val = sentiment
     names = ["negative", "neutral", "positive"]

@@ -22,6 +22,8 @@ from myna.train.loop import evaluate
 from myna.train.optim import build_optimizer
 from myna.train.pretrain import pretrain
 
+pytestmark = pytest.mark.slow  # every test reads the three runs the module fixture trains
+
 STEPS, GLOBAL_BATCH = 10, 8
 
 

@@ -20,6 +20,7 @@ from myna.tokenizer import Tokenizer
 QUICK = {"chat_max_tokens": 16, "tweeteval_mode": "none"}
 
 
+@pytest.mark.slow
 def test_val_bpb_matches_the_loss_and_the_shards_own_bytes(eval_runs, sft_eval):
     base = evaluate_run(eval_runs["base"], eval_runs["base"] / "eval.json", **QUICK)
     assert json.loads((eval_runs["base"] / "eval.json").read_text()) == json.loads(json.dumps(base))
@@ -42,6 +43,7 @@ def test_val_bpb_matches_the_loss_and_the_shards_own_bytes(eval_runs, sft_eval):
     assert base["tweeteval"] == {} and base["settings"]["tweeteval_mode"] == "none"
 
 
+@pytest.mark.slow
 def test_chat_checks_on_the_held_out_split(eval_runs, sft_eval):
     chat = sft_eval["chat"]
     assert sft_eval["stage"] == chat["stage"] == "sft" and chat["note"] == ""
@@ -59,6 +61,7 @@ def test_chat_checks_on_the_held_out_split(eval_runs, sft_eval):
     assert sft_eval["step"] == 30 and sft_eval["checkpoint"].endswith("step_00000030")
 
 
+@pytest.mark.slow
 def test_tweeteval_both_modes_on_capped_sets(sft_eval, eval_runs):
     te = sft_eval["tweeteval"]
     assert set(te) == {"classifier", "lm"}

@@ -265,6 +265,7 @@ def test_tiny_model_memorises_a_batch_of_real_tweets():
     assert losses[-1] < 1.0, losses[::10]
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_forward_and_backward_like_eager():
     torch.manual_seed(0)
     cfg, _ = preset("tiny", vocab_size=256)

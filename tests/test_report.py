@@ -6,6 +6,8 @@ import shutil
 import struct
 from pathlib import Path
 
+import pytest
+
 from myna.eval.report import training_time, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -18,6 +20,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_report_of_an_evaluated_sft_run(eval_runs, sft_eval):
     path = write_report(eval_runs["sft"])
     assert path == eval_runs["sft"] / "report.md"

@@ -151,6 +151,7 @@ sft(base, data, out, on_step=on_step, **{args})
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(sft_run: Path, base_run: Path, chat_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     script = RUN_SCRIPT.format(args=repr(SFT_ARGS))
@@ -186,6 +187,7 @@ sft(sys.argv[1], sys.argv[2], sys.argv[3], parallel="ddp", **{args})
 DDP_ARGS = {"steps": 6, "batch_size": 4, "lr": 2e-3, "eval_every": 3, "eval_batches": 1}
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_match_one_process(base_run: Path, chat_data: Path, tmp_path: Path):
     script = tmp_path / "run.py"
     script.write_text(DDP_SCRIPT.format(args=repr(DDP_ARGS)))

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from helpers import ENV, SAMPLE, free_port
 
 
@@ -19,6 +20,7 @@ def head(src: Path, dst: Path, n: int) -> None:
         dst.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
     sample = tmp_path / "sample"
     (sample / "posts").mkdir(parents=True)

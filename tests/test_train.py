@@ -30,6 +30,7 @@ def unigram_entropy(shard_dir: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_tiny_learns_well_below_unigram_entropy(sample_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     record = pretrain(sample_data, run, preset="tiny", steps=200)
@@ -81,6 +82,7 @@ def run_pretrain(data: Path, out: Path, steps: int, save_every: int, resume: boo
     )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(sample_data: Path, tmp_path: Path):
     n = 8
     a = run_pretrain(sample_data, tmp_path / "a", steps=2 * n, save_every=n)
@@ -127,6 +129,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path: Path):
     from torch import nn
 

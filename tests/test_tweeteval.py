@@ -129,6 +129,7 @@ def test_the_cli_scores_a_predictions_folder_without_marking_it():
     assert "approx. train" not in row  # upstream's model trained on the real sentiment train split
 
 
+@pytest.mark.slow
 def test_seeds_average_the_probabilities_of_classifiers_trained_apart(base_run: Path, tmp_path: Path):
     from dataclasses import replace
 
@@ -159,6 +160,7 @@ def test_seeds_average_the_probabilities_of_classifiers_trained_apart(base_run: 
     assert len(result["tasks"]["irony"]["val_metric_members"]) == 2 and "2 seeds" in result["mode"]
 
 
+@pytest.mark.slow
 def test_seed_choice_best_keeps_the_classifier_val_scores_highest(base_run: Path, tmp_path: Path):
     from dataclasses import replace
 
