@@ -1,15 +1,23 @@
-"""The `myna` command: one verb per stage, each a thin layer over a function that tests call directly."""
+"""The `myna` command: one verb per stage, each a thin layer over a function that tests call directly.
+
+An option is declared once, where the library declares it (a dataclass field or a function parameter, with its
+help in the comment beside it); myna.flags turns those declarations into flags. Only the invoked verb's flags are
+built, so `myna --help` never imports torch.
+"""
 
 import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
+from myna.eval.settings import ClassifySettings, EvalConfig
+from myna.flags import add_flags, given, resolve, write_config
 from myna.progress import console, log
 from myna.serve.config import ServeConfig
 
@@ -22,39 +30,38 @@ def _csv_columns(spec: str) -> dict[str, str | int]:
     for item in spec.split(","):
         field, sep, column = item.partition("=")
         if not sep or not field.strip() or not column.strip():
-            raise ValueError(f"--csv-columns: expected FIELD=COLUMN pairs separated by commas, got {item!r}")
+            raise argparse.ArgumentTypeError(f"expected FIELD=COLUMN pairs separated by commas, got {item!r}")
         column = column.strip()
         columns[field.strip()] = int(column) if column.isdigit() else column
     return columns
 
 
-def _prepare_config(args: argparse.Namespace):
-    """PrepareConfig's defaults, overridden by the flags that were given."""
+def data_flags(sp: argparse.ArgumentParser) -> None:
+    """The data preparation settings `data` and `speedrun` share, under the flag names the README uses."""
+    from myna.data.clean import CleanConfig
+    from myna.data.dedup import DedupConfig
     from myna.data.pipeline import PrepareConfig
 
-    cfg = PrepareConfig(force=args.force)
-    csv_columns = getattr(args, "csv_columns", None)
-    overrides = [
-        (cfg, "format", getattr(args, "format", None)),
-        (cfg, "workers", args.workers),
-        (cfg, "vocab_size", args.vocab_size),
-        (cfg, "val_fraction", args.val_fraction),
-        (cfg, "strict", getattr(args, "strict", False) or None),
-        (cfg.read, "csv_columns", _csv_columns(csv_columns) if csv_columns else None),
-        (cfg.read, "csv_preset", getattr(args, "csv_preset", None)),
-        (cfg.clean, "mask_handles", args.mask_handles or None),
-        (cfg.clean, "mask_urls", args.mask_urls or None),
-        (cfg.clean, "languages", set(args.langs.split(",")) if args.langs else None),
-        (cfg.clean, "detect_language", False if args.no_lang_id else None),
-        (cfg.dedup, "near", False if args.no_near_dedup else None),
-        (cfg.dedup, "threshold", args.dedup_threshold),
-        (cfg.dedup, "shingle", args.shingle),
-        (cfg.dedup, "num_perm", args.num_perm),
-    ]
-    for obj, name, value in overrides:
-        if value is not None:
-            setattr(obj, name, value)
-    return cfg
+    add_flags(sp, PrepareConfig, ["workers", "vocab_size", "val_fraction", "force"])
+    langs = {"languages": "--langs", "detect_language": "--no-lang-id"}
+    add_flags(sp, CleanConfig, ["mask_handles", "mask_urls", "languages", "detect_language"], langs)
+    near = {"near": "--no-near-dedup", "threshold": "--dedup-threshold"}
+    add_flags(sp, DedupConfig, ["near", "threshold", "shingle", "num_perm"], near)
+
+
+def _prepare_config(args: argparse.Namespace):
+    """PrepareConfig's defaults, overridden by the flags that were given."""
+    from myna.data.clean import CleanConfig
+    from myna.data.dedup import DedupConfig
+    from myna.data.pipeline import PrepareConfig
+    from myna.data.readers import ReadOptions
+
+    return PrepareConfig(
+        read=ReadOptions(**given(args, ReadOptions)),
+        clean=CleanConfig(**given(args, CleanConfig)),
+        dedup=DedupConfig(**given(args, DedupConfig)),
+        **given(args, PrepareConfig),
+    )
 
 
 def print_funnel(funnel: dict) -> None:
@@ -172,6 +179,8 @@ def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from myna.data import pipeline
+    from myna.eval.report import write_report
+    from myna.eval.run import evaluate_run
     from myna.train.dpo import dpo
     from myna.train.pretrain import pretrain
     from myna.train.sft import sft
@@ -180,13 +189,14 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     if not sample.is_dir():
         sys.exit(f"sample data not found at {sample}: pass --sample DIR (the repository's data/sample)")
     out = Path(args.out)
-    cfg = _prepare_config(args)
     t0 = time.perf_counter()
     log(f"[bold]speedrun[/bold] on {sample} -> {out}")
-    summary = pipeline.prepare([sample / "posts", sample / "conversations"], out / "data", cfg)
+    summary = pipeline.prepare(
+        [sample / "posts", sample / "conversations"], out / "data", _prepare_config(args)
+    )
     print_summary(summary)
     # resume=True everywhere: a second speedrun continues (or finds finished) each run instead of refusing
-    last = pretrain(out / "data", out / "base", preset=args.preset, steps=args.steps, resume=True)
+    last = pretrain(out / "data", out / "base", **given(args, pretrain), resume=True)
     log(
         f"base model: step {last['step']}, val loss {last.get('val_loss', float('nan')):.4f}, "
         f"val bits-per-byte {last.get('val_bpb', float('nan')):.4f}"
@@ -207,76 +217,21 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     else:
         log("DPO skipped: the data has no preference pairs (reply trees with like counts)")
     print_chat_samples(chat)
-    from myna.eval.report import write_report
-    from myna.eval.run import evaluate_run
-
     # the quick part of `myna eval` (val bits-per-byte, chat checks); TweetEval takes longer: `myna eval RUN`
-    evaluate_run(chat, tweeteval_mode="none", chat_prompts=args.chat_prompts)
+    evaluate_run(chat, tweeteval_mode="none", **given(args, EvalConfig))
     log(f"report card: {write_report(chat)}")
     log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
     if not args.no_serve:
         from myna.serve.api import serve
 
-        # prints the URL; Ctrl-C stops it
-        serve(chat, ServeConfig(host=args.host, port=args.port, allowed_hosts=tuple(args.allow_host)))
+        serve(chat, ServeConfig(**given(args, ServeConfig)))  # prints the URL; Ctrl-C stops it
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from myna.train.pretrain import pretrain
-
-    pretrain(
-        args.data,
-        args.out,
-        preset=args.preset,
-        steps=args.steps,
-        save_every=args.save_every,
-        resume=args.resume,
-        parallel=args.parallel,
-        compile=args.compile,
-    )
-
-
-def cmd_sft(args: argparse.Namespace) -> None:
-    from myna.train.sft import sft
-
-    sft(
-        args.base,
-        args.data,
-        args.out,
-        steps=args.steps,
-        resume=args.resume,
-        parallel=args.parallel,
-        compile=args.compile,
-    )
-
-
-def cmd_dpo(args: argparse.Namespace) -> None:
-    from myna.train.dpo import dpo
-
-    dpo(
-        args.base,
-        args.data,
-        args.out,
-        steps=args.steps,
-        beta=args.beta,
-        resume=args.resume,
-        parallel=args.parallel,
-    )
-
-
-def _sampling(args: argparse.Namespace, stop_token_ids: tuple[int, ...] = ()):
-    from myna.infer.engine import SamplingParams
-
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop or ()),
-        stop_token_ids=stop_token_ids,
-    )
+def cmd_train(args: argparse.Namespace) -> None:
+    """pretrain, sft or dpo with the settings of --config and the flags; RUN/run.yaml then holds them all."""
+    settings = resolve(args, args.train, args.names, args.flags)
+    args.train(**settings)
+    write_config(Path(settings["out"]) / "run.yaml", settings)
 
 
 def _policy(spec: str | None):
@@ -287,13 +242,23 @@ def _policy(spec: str | None):
     return Policy.off() if spec == "off" else Policy.load(spec)
 
 
+def _sampling(args: argparse.Namespace, stop_token_ids: tuple[int, ...] = ()):
+    from myna.infer.engine import SamplingParams
+
+    return replace(args.sampling, **given(args, SamplingParams), stop_token_ids=stop_token_ids)
+
+
+def _device(args: argparse.Namespace) -> str:
+    return resolve(args, ServeConfig, ["device"])["device"]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from myna.infer.engine import Engine, set_cpu_threads
     from myna.runs import load_model
     from myna.template import render_prompt, turn_stop_ids
 
-    set_cpu_threads(args.device)
-    loaded = load_model(args.ckpt, args.device)
+    set_cpu_threads(_device(args))
+    loaded = load_model(args.ckpt, _device(args))
     tok = loaded.tokenizer
     if args.chat:
         ids = render_prompt([{"role": "user", "content": args.prompt}], tok).ids
@@ -334,8 +299,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from myna.infer.engine import Engine, set_cpu_threads
     from myna.runs import load_model
 
-    set_cpu_threads(args.device)
-    loaded = load_model(args.ckpt, args.device)
+    set_cpu_threads(_device(args))
+    loaded = load_model(args.ckpt, _device(args))
     log(f"loaded {loaded.checkpoint} (step {loaded.step}, {loaded.model.num_params() / 1e6:.1f}M parameters)")
     with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
         session = ChatSession(engine, _sampling(args), _policy(args.policy), system=args.system or "")
@@ -345,83 +310,44 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from myna.serve.api import serve
 
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        allowed_hosts=tuple(args.allow_host),
-        max_concurrency=args.max_concurrency,
-        body_timeout=args.body_timeout,
-        header_timeout=args.header_timeout,
-        policy=_policy(args.policy),
-        device=args.device,
-    )
-    serve(args.ckpt, config)
+    settings = given(args, ServeConfig)
+    settings.setdefault("api_key", os.environ.get("MYNA_API_KEY"))
+    settings["policy"] = _policy(settings.get("policy"))
+    serve(args.ckpt, ServeConfig(**settings))
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from myna.eval.classify import ClassifySettings, predict_file, train_classifier
+    from myna.eval.classify import predict_file, train_classifier
     from myna.infer.engine import set_cpu_threads
 
-    set_cpu_threads(args.device)  # small models, short texts: one thread is as fast and never thrashes
+    device = _device(args)
+    set_cpu_threads(device)  # small models, short texts: one thread is as fast and never thrashes
     if args.action == "train":
         if not (args.ckpt and args.train and args.val and args.out):
             sys.exit("myna classify train: --ckpt, --train, --val and --out are required")
-        report = train_classifier(
-            args.ckpt,
-            args.train,
-            args.val,
-            args.out,
-            ClassifySettings(mode=args.mode, **finetune_settings(args)),
-            device=args.device,
-        )
+        settings = ClassifySettings(**given(args, ClassifySettings))
+        report = train_classifier(args.ckpt, args.train, args.val, args.out, settings, device=device)
         print(json.dumps(report, indent=1, default=str))
     else:
         if not (args.model and args.input):
             sys.exit("myna classify predict: --model and --input are required")
-        n = predict_file(args.model, args.input, args.out, device=args.device)
+        n = predict_file(args.model, args.input, args.out, device=device)
         log(f"{n:,} predictions" + (f" -> {args.out}" if args.out else ""))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from myna.eval.run import evaluate_run, format_eval
-    from myna.eval.tweeteval import TASKS, format_table, score_predictions
 
-    if args.target == "tweeteval-score":
-        if not args.predictions:
-            sys.exit("myna eval tweeteval-score: --predictions DIR is required")
-        from myna.eval.run import TWEETEVAL_DIR
-
-        scores = score_predictions(args.data or TWEETEVAL_DIR, args.predictions)
-        print(format_table({Path(args.predictions).name: scores}, approx=set()))
-        return
-    from myna.eval.classify import ClassifySettings
-
-    settings = ClassifySettings(
-        mode=args.classifier,
-        **finetune_settings(args),
-    )
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else TASKS
-    if unknown := set(tasks) - set(TASKS):
-        sys.exit(
-            f"myna eval --tasks: unknown task(s) {', '.join(sorted(unknown))}; expected {', '.join(TASKS)}"
-        )
-    result = evaluate_run(
-        args.target,
-        out=args.out,
-        tweeteval=args.tweeteval,
-        tweeteval_mode=args.mode,
-        train_cap=args.train_cap,
-        test_cap=args.test_cap,
-        settings=settings,
-        shots=args.shots,
-        tasks=tasks,
-        seeds=args.seeds,
-        seed_choice=args.seed_choice,
-        chat_prompts=args.chat_prompts,
-        device=args.device,
-    )
+    config = EvalConfig(settings=ClassifySettings(**given(args, ClassifySettings)), **given(args, EvalConfig))
+    result = evaluate_run(args.run, args.out, config)
     console.print(format_eval(result), highlight=False, markup=False)
+
+
+def cmd_tweeteval(args: argparse.Namespace) -> None:
+    from myna.eval.tweeteval import format_table, score_predictions
+
+    scores = score_predictions(resolve(args, EvalConfig, ["tweeteval"])["tweeteval"], args.predictions)
+    print(format_table({Path(args.predictions).name: scores}, approx=set()))
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> None:
@@ -441,301 +367,200 @@ def cmd_report(args: argparse.Namespace) -> None:
     log(f"report: {write_report(args.run)}")
 
 
-def serve_flags(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--host", default=ServeConfig.host, help="address to listen on (default %(default)s)")
-    sp.add_argument("--port", type=int, default=ServeConfig.port, help="port (default %(default)s)")
+# ---------------------------------------------------------------------------------------------------------------
+# Each verb's flags: the ones declared elsewhere come from there (myna.flags), the rest are the CLI's own.
+
+CKPT_HELP = "run directory (newest checkpoint) or a checkpoint folder"
+
+
+def serve_flags(sp: argparse.ArgumentParser, names: list[str]) -> None:
+    add_flags(sp, ServeConfig, names, flags={"allowed_hosts": "--allow-host"}, parse={"policy": str})
+
+
+def data_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.data.pipeline import PrepareConfig
+    from myna.data.readers import ReadOptions
+
+    stages = ["prepare", "ingest", "clean", "dedup", "threads", "tokenizer", "tokenize"]
+    sp.add_argument("stage", choices=stages)
+    sp.add_argument("inputs", nargs="*", help="files or folders (prepare and ingest)")
+    sp.add_argument("--out", required=True, help="data directory")
+    add_flags(sp, PrepareConfig, ["format", "strict"])
+    add_flags(sp, ReadOptions, ["csv_columns", "csv_preset"], parse={"csv_columns": _csv_columns})
+    data_flags(sp)
+    sp.set_defaults(fn=cmd_data)
+
+
+def speedrun_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.train.pretrain import pretrain
+
+    sp.add_argument("--out", default="runs/speedrun", help="run directory (default %(default)s)")
+    sp.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
+    add_flags(sp, pretrain, ["preset", "steps"])
     sp.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="without --api-key, also answer requests addressed to NAME (repeatable; '*': any name); "
-        "loopback names always work",
-    )
-
-
-def finetune_flags(sp: argparse.ArgumentParser) -> None:
-    """The classifier settings `classify train` and `eval` share."""
-    sp.add_argument("--epochs", type=int, help="finetune: epochs at most (default 5; early-stopped on val)")
-    sp.add_argument(
-        "--lm-weight",
-        type=float,
-        help="finetune: weight of the auxiliary next-token loss (default 0.5; 0 = off)",
-    )
-    sp.add_argument(
-        "--lr-body",
-        type=float,
-        help="finetune: peak learning rate of the pre-trained body (default 3e-4)",
-    )
-    sp.add_argument(
-        "--lr-head", type=float, help="finetune: peak learning rate of the fresh head (default 3e-3)"
-    )
-
-
-def finetune_settings(args: argparse.Namespace) -> dict:
-    """ClassifySettings fields the shared flags set; a flag left out keeps the dataclass default."""
-    given = {
-        "epochs": args.epochs,
-        "lm_weight": args.lm_weight,
-        "lr_body": args.lr_body,
-        "lr_head": args.lr_head,
-    }
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="myna", description=__doc__)
-    sub = p.add_subparsers(dest="verb", required=True)
-
-    def data_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--workers", type=int, help="worker processes (default: all cores, at most 8)")
-        sp.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
-        sp.add_argument(
-            "--val-fraction", type=float, help="share of posts held out for validation (default 0.02)"
-        )
-        sp.add_argument(
-            "--mask-handles", action="store_true", help="replace @handles with @user (as BERTweet does)"
-        )
-        sp.add_argument(
-            "--mask-urls", action="store_true", help="replace URLs with 'http' (as BERTweet does)"
-        )
-        sp.add_argument("--langs", help="comma-separated ISO codes to keep, e.g. en,es (default: all)")
-        sp.add_argument(
-            "--no-lang-id", action="store_true", help="keep the source's language only, no fastText"
-        )
-        sp.add_argument("--no-near-dedup", action="store_true", help="exact de-duplication only")
-        sp.add_argument(
-            "--dedup-threshold", type=float, help="Jaccard similarity of near duplicates (default 0.8)"
-        )
-        sp.add_argument("--shingle", type=int, help="near-dedup shingle size in characters (default 5)")
-        sp.add_argument("--num-perm", type=int, help="MinHash permutations (default 64)")
-        sp.add_argument("--force", action="store_true", help="rerun stages that are up to date")
-
-    d = sub.add_parser("data", help="raw dumps -> corpus, dialogues, prefs, tokenizer, token shards")
-    d.add_argument(
-        "stage", choices=["prepare", "ingest", "clean", "dedup", "threads", "tokenizer", "tokenize"]
-    )
-    d.add_argument("inputs", nargs="*", help="files or folders (prepare and ingest)")
-    d.add_argument("--out", required=True, help="data directory")
-    d.add_argument("--format", help="force one reader for every input (default: detect per file)")
-    d.add_argument("--csv-columns", help="CSV column mapping, FIELD=NAME_OR_INDEX pairs: text=tweet,id=0")
-    d.add_argument("--csv-preset", choices=["sentiment140"], help="a known headerless CSV layout")
-    d.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first input file that cannot be read or is no post format (default: reject it, go on)",
-    )
-    data_flags(d)
-    d.set_defaults(fn=cmd_data)
-
-    s = sub.add_parser("speedrun", help="the whole pipeline on the bundled sample")
-    s.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
-    s.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
-    s.add_argument(
-        "--preset", default="cpu", help="model to pre-train (default cpu: about 10 minutes on 2 cores)"
-    )
-    s.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
-    s.add_argument("--no-serve", action="store_true", help="end after the report card instead of serving")
-    s.add_argument(
-        "--chat-prompts",
-        type=int,
-        default=200,
-        help="held-out prompts of the chat format check (default 200)",
-    )
-    serve_flags(s)
-    s.add_argument(
         "--sft-steps",
         type=int,
         default=200,
-        help="SFT steps (default 200: a third of an epoch, ~3 min on 2 cores)",
+        help="SFT steps (default 200: a third of an epoch on the sample)",
     )
-    data_flags(s)
-    s.set_defaults(fn=cmd_speedrun)
+    add_flags(sp, EvalConfig, ["chat_prompts"])
+    sp.add_argument("--no-serve", action="store_true", help="end after the report card instead of serving")
+    serve_flags(sp, ["host", "port", "allowed_hosts"])
+    data_flags(sp)
+    sp.set_defaults(fn=cmd_speedrun)
 
-    def resume_flag(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--resume",
-            nargs="?",
-            const=True,
-            default=False,
-            metavar="STEP_DIR",
-            help="continue from the newest checkpoint in --out, or from the one named (step_00000200)",
-        )
 
-    t = sub.add_parser("pretrain", help="train a GPT on token shards (run under torchrun for several GPUs)")
-    t.add_argument("--data", required=True, help="data directory from `myna data prepare`")
-    t.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints")
-    t.add_argument(
-        "--preset", default="cpu", help="model size: tiny, cpu, 124m, 350m, 1b, 8b, 70b (default cpu)"
-    )
-    t.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
-    t.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
-    resume_flag(t)
-    t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.set_defaults(fn=cmd_pretrain)
+def train_parser(train, names: list[str], flags: dict[str, str] | None = None):
+    """The flags of pretrain, sft or dpo: the function's own parameters, and --config."""
 
-    def tune_flags(sp: argparse.ArgumentParser, base_help: str, data_help: str) -> None:
-        sp.add_argument("--base", required=True, help=base_help)
-        sp.add_argument("--data", required=True, help=data_help)
-        sp.add_argument("--out", required=True, help="run directory for the tuned model")
-        sp.add_argument("--steps", type=int, help="optimizer steps (default: scaled to the data)")
-        resume_flag(sp)
-        sp.add_argument(
-            "--parallel", choices=["none", "ddp", "fsdp"], default="none", help="data parallelism"
-        )
+    def build(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML file of these settings by name (the flags override it)")
+        add_flags(sp, train, names, flags)
+        sp.set_defaults(fn=cmd_train, train=train, names=names, flags=flags)
 
-    f = sub.add_parser("sft", help="supervised fine-tuning on dialogues (loss on assistant turns only)")
-    tune_flags(
-        f,
-        "pre-trained run (or one of its checkpoints)",
-        "data directory (its dialogues.jsonl) or a JSONL file of OpenAI-messages records",
-    )
-    f.add_argument("--compile", action="store_true", help="torch.compile the model")
-    f.set_defaults(fn=cmd_sft)
+    return build
 
-    o = sub.add_parser("dpo", help="Direct Preference Optimisation on engagement pairs against the SFT model")
-    tune_flags(
-        o, "SFT run (also the frozen reference)", "data directory (its prefs.jsonl) or a prefs JSONL file"
-    )
-    o.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
-    o.set_defaults(fn=cmd_dpo)
 
-    def sampling_flags(sp: argparse.ArgumentParser, max_tokens: int) -> None:
-        sp.add_argument(
-            "--ckpt", required=True, help="run directory (newest checkpoint) or a checkpoint folder"
-        )
-        sp.add_argument(
-            "--max-tokens", type=int, default=max_tokens, help=f"most new tokens (default {max_tokens})"
-        )
-        sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-        sp.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (0 = off)")
-        sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
-        sp.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default 1.1)")
-        sp.add_argument("--seed", type=int, help="sampling seed, for a reproducible output")
-        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
-        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+def pretrain_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.train.pretrain import pretrain
 
-    g = sub.add_parser("generate", help="complete a raw prompt (or one chat turn with --chat)")
-    sampling_flags(g, 128)
-    g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument(
+    names = ["data_dir", "out", "preset", "steps", "save_every", "resume", "parallel", "compile"]
+    train_parser(pretrain, names, {"data_dir": "--data"})(sp)
+
+
+def sft_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.train.sft import sft
+
+    train_parser(sft, ["base", "data", "out", "steps", "resume", "parallel", "compile"])(sp)
+
+
+def dpo_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.train.dpo import dpo
+
+    train_parser(dpo, ["base", "data", "out", "steps", "beta", "resume", "parallel"])(sp)
+
+
+def sampling_flags(sp: argparse.ArgumentParser, max_tokens: int) -> None:
+    """generate's and chat's decoding flags: SamplingParams with the defaults of a chat model's CLI."""
+    from myna.infer.engine import SamplingParams
+
+    defaults = SamplingParams(max_tokens, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    names = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"]
+    add_flags(sp, SamplingParams, names, defaults=defaults)
+    serve_flags(sp, ["device"])
+    sp.set_defaults(sampling=defaults)
+
+
+def generate_parser(sp: argparse.ArgumentParser) -> None:
+    sampling_flags(sp, max_tokens=128)
+    sp.add_argument("--prompt", required=True, help="text to continue")
+    sp.add_argument(
         "--chat", action="store_true", help="wrap the prompt as one user turn of the chat template"
     )
-    g.add_argument(
+    sp.add_argument(
         "--no-kv-cache", action="store_true", help="re-run the whole sequence each token (baseline)"
     )
-    g.add_argument("--json", action="store_true", help="print one JSON object with token counts and timings")
-    g.set_defaults(fn=cmd_generate)
+    sp.add_argument("--json", action="store_true", help="print one JSON object with token counts and timings")
+    sp.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser(
-        "chat", help="chat with a model in the terminal (streamed; /reset, /system, /temperature)"
-    )
-    sampling_flags(c, 256)
-    c.add_argument("--system", help="system prompt")
-    c.add_argument("--policy", help="moderation policy: a JSON file, 'default' (label only) or 'off'")
-    c.set_defaults(fn=cmd_chat)
 
-    v = sub.add_parser("serve", help="OpenAI-compatible API and the web chat page")
-    v.add_argument("--ckpt", required=True, help="run directory (newest checkpoint) or a checkpoint folder")
-    serve_flags(v)
-    v.add_argument(
-        "--api-key",
-        default=os.environ.get("MYNA_API_KEY"),
-        help="require this bearer key (default $MYNA_API_KEY)",
-    )
-    v.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=ServeConfig.max_concurrency,
-        help="requests in flight; more get 429 (default %(default)s)",
-    )
-    v.add_argument("--policy", help="moderation policy: a JSON/TOML file, 'default' (label only) or 'off'")
-    v.add_argument("--device", default=ServeConfig.device, help="cpu, cuda, cuda:1 ...")
-    v.add_argument(
-        "--header-timeout",
-        type=float,
-        metavar="SECONDS",
-        default=ServeConfig.header_timeout,
-        help="close a connection that has not sent a request's headers in this many seconds (default %(default)g)",
-    )
-    v.add_argument(
-        "--body-timeout",
-        type=float,
-        metavar="SECONDS",
-        default=ServeConfig.body_timeout,
-        help="answer 408 to a request whose body has not all arrived in this many seconds (default %(default)g)",
-    )
-    v.set_defaults(fn=cmd_serve)
+def chat_parser(sp: argparse.ArgumentParser) -> None:
+    sampling_flags(sp, max_tokens=256)
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--policy", help="moderation policy: a JSON file, 'default' (label only) or 'off'")
+    sp.set_defaults(fn=cmd_chat)
 
-    k = sub.add_parser("classify", help="text classifiers on a trained model: train, then predict")
-    k.add_argument("action", choices=["train", "predict"])
-    k.add_argument("--ckpt", help="train: the run whose model is the body")
-    k.add_argument("--train", help="train: JSONL (text, label) or TSV (text<TAB>label)")
-    k.add_argument("--val", help="train: the same format; early stopping and calibration")
-    k.add_argument(
-        "--mode", choices=["finetune", "probe"], default="finetune", help="train: (default finetune)"
-    )
-    finetune_flags(k)
-    k.add_argument("--model", help="predict: a folder written by classify train")
-    k.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
-    k.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
-    k.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    k.set_defaults(fn=cmd_classify)
 
-    e = sub.add_parser("eval", help="evaluate a run (RUN/eval.json), or score TweetEval predictions")
-    e.add_argument("target", help="a run directory, or 'tweeteval-score' to score a predictions folder")
-    e.add_argument("--tweeteval", help="TweetEval data folder (default: the bundled data/tweeteval)")
-    e.add_argument(
-        "--mode", choices=["classifier", "lm", "both", "none"], default="classifier", help="TweetEval mode"
-    )
-    e.add_argument("--classifier", choices=["finetune", "probe"], default="finetune", help="classifier mode")
-    e.add_argument("--train-cap", type=int, help="first N train rows per task (default: all bundled)")
-    e.add_argument("--tasks", help="comma-separated TweetEval tasks (default: all seven)")
-    e.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="classifiers per task from consecutive seeds, probabilities averaged (or see --seed-choice)",
-    )
-    e.add_argument(
-        "--seed-choice",
-        choices=["average", "best"],
-        default="average",
-        help="with --seeds: average the classifiers' probabilities, or keep the one val scores highest (restarts)",
-    )
-    finetune_flags(e)
-    e.add_argument(
-        "--test-cap", type=int, help="first N test rows per task (not comparable to published rows)"
-    )
-    e.add_argument("--shots", type=int, default=0, help="lm mode: examples in the prompt (default 0)")
-    e.add_argument("--chat-prompts", type=int, default=200, help="held-out prompts for format compliance")
-    e.add_argument("--out", help="eval.json path (default RUN/eval.json)")
-    e.add_argument("--data", help="tweeteval-score: the TweetEval data folder (default: the bundled one)")
-    e.add_argument("--predictions", help="tweeteval-score: a folder laid out like the upstream repository's")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    e.set_defaults(fn=cmd_eval)
+def serve_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    names = ["host", "port", "allowed_hosts", "api_key", "max_concurrency", "policy", "device"]
+    serve_flags(sp, [*names, "header_timeout", "body_timeout"])
+    sp.set_defaults(fn=cmd_serve)
 
-    ck = sub.add_parser("checkpoint", help="checkpoint upkeep: convert one from the old pickle format")
-    ck.add_argument("action", choices=["convert"])
-    ck.add_argument("path", help="run directory (its newest checkpoint) or one step_N checkpoint folder")
-    ck.add_argument(
+
+CLASSIFIER_FLAGS = ["mode", "epochs", "lm_weight", "lr_body", "lr_head"]  # classify train and eval share them
+
+
+def classify_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("action", choices=["train", "predict"])
+    sp.add_argument("--ckpt", help="train: the run whose model is the body")
+    sp.add_argument("--train", help="train: JSONL (text, label) or TSV (text<TAB>label)")
+    sp.add_argument("--val", help="train: the same format; early stopping and calibration")
+    add_flags(sp, ClassifySettings, CLASSIFIER_FLAGS)
+    sp.add_argument("--model", help="predict: a folder written by classify train")
+    sp.add_argument("--input", help="predict: JSONL or TSV (labels optional)")
+    sp.add_argument("--out", help="train: output folder; predict: JSONL file (default stdout)")
+    serve_flags(sp, ["device"])
+    sp.set_defaults(fn=cmd_classify)
+
+
+def eval_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("run", help="run directory")
+    sp.add_argument("--out", help="eval.json path (default RUN/eval.json)")
+    names = ["tweeteval", "tweeteval_mode", "train_cap", "test_cap", "tasks", "seeds", "seed_choice", "shots"]
+    tasks = {"tasks": lambda s: tuple(t.strip() for t in s.split(","))}
+    add_flags(sp, EvalConfig, [*names, "chat_prompts", "device"], parse=tasks)
+    add_flags(sp, ClassifySettings, CLASSIFIER_FLAGS)
+    sp.set_defaults(fn=cmd_eval)
+
+
+def tweeteval_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("action", choices=["score"])
+    sp.add_argument("--predictions", required=True, help="a folder laid out like the upstream repository's")
+    add_flags(sp, EvalConfig, ["tweeteval"])
+    sp.set_defaults(fn=cmd_tweeteval)
+
+
+def checkpoint_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("action", choices=["convert"])
+    sp.add_argument("path", help="run directory (its newest checkpoint) or one step_N checkpoint folder")
+    sp.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="required: converting unpickles the old files, which can run code; only for checkpoints you trust",
     )
-    ck.set_defaults(fn=cmd_checkpoint)
+    sp.set_defaults(fn=cmd_checkpoint)
 
-    r = sub.add_parser(
-        "report", help="write RUN/report.md: config, data funnel, curves, eval tables, samples"
-    )
-    r.add_argument("run", help="run directory")
-    r.set_defaults(fn=cmd_report)
-    return p
+
+def report_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("run", help="run directory")
+    sp.set_defaults(fn=cmd_report)
+
+
+VERBS = {
+    "data": ("raw dumps -> corpus, dialogues, prefs, tokenizer, token shards", data_parser),
+    "speedrun": ("the whole pipeline on the bundled sample", speedrun_parser),
+    "pretrain": ("train a GPT on token shards (run under torchrun for several GPUs)", pretrain_parser),
+    "sft": ("supervised fine-tuning on dialogues (loss on assistant turns only)", sft_parser),
+    "dpo": ("Direct Preference Optimisation on engagement pairs against the SFT model", dpo_parser),
+    "generate": ("complete a raw prompt (or one chat turn with --chat)", generate_parser),
+    "chat": ("chat with a model in the terminal (streamed; /reset, /system, /temperature)", chat_parser),
+    "serve": ("OpenAI-compatible API and the web chat page", serve_parser),
+    "classify": ("text classifiers on a trained model: train, then predict", classify_parser),
+    "eval": ("evaluate a run: RUN/eval.json", eval_parser),
+    "tweeteval": ("score TweetEval predictions laid out like the upstream repository's", tweeteval_parser),
+    "checkpoint": ("checkpoint upkeep: convert one from the old pickle format", checkpoint_parser),
+    "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The invoked verb's parser only: a verb's flags may import the modules that declare them."""
+    if not argv or argv[0] not in VERBS:
+        p = argparse.ArgumentParser(prog="myna", description=__doc__)
+        sub = p.add_subparsers(dest="verb", required=True)
+        for verb, (help, _) in VERBS.items():
+            sub.add_parser(verb, help=help)
+        p.parse_args(argv)  # no verb, an unknown one or --help: prints the usage and exits
+    help, build = VERBS[argv[0]]
+    p = argparse.ArgumentParser(prog=f"myna {argv[0]}", description=help)
+    build(p)
+    return p.parse_args(argv[1:], argparse.Namespace(verb=argv[0]))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         args.fn(args)
     except (OSError, ValueError) as e:  # bad input, named in one line; anything else is a bug: a traceback

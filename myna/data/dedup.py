@@ -34,7 +34,7 @@ import xxhash
 @dataclass
 class DedupConfig:
     exact: bool = True
-    near: bool = True
+    near: bool = True  # near-duplicates too (MinHash), not only exact copies
     shingle: int = 5  # characters per shingle
     num_perm: int = 64  # MinHash permutations; the estimate's standard error is sqrt(J(1-J)/num_perm)
     threshold: float = 0.8  # Jaccard similarity at or above which two posts are near-duplicates

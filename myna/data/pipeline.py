@@ -62,9 +62,9 @@ class PrepareConfig:
     threads: ThreadConfig = field(default_factory=ThreadConfig)
     val_fraction: float = 0.02  # share of kept posts held out (the latest ones when timestamps exist)
     seed: int = 1337
-    vocab_size: int = 8192
+    vocab_size: int = 8192  # BPE vocabulary size
     tokenizer_max_docs: int = 2_000_000  # BPE training sees at most this many train posts
-    workers: int = max(1, min(os.cpu_count() or 1, 8))
+    workers: int = max(1, min(os.cpu_count() or 1, 8))  # worker processes: all cores, at most 8
     force: bool = False  # rerun stages even when their stamps say they are up to date
     strict: bool = False  # stop at the first input file that cannot be read or holds no post format
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from myna.eval.settings import ClassifySettings
 from myna.io import atomic_dir, atomic_write, open_binary, read_json, remove_stale_temps
 from myna.model import GPT, lm_loss, mean_pool, pad_right
 from myna.progress import Progress, log
@@ -290,27 +291,6 @@ def collate(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
-
-
-@dataclass
-class ClassifySettings:
-    mode: str = "finetune"  # "finetune" | "probe"
-    pooling: str = "mean"  # "mean" | "last"
-    epochs: int = 5  # at most; early stopping usually ends sooner
-    patience: int = 2  # validation checks without improvement before stopping
-    evals_per_epoch: int = 2
-    lr_body: float = 3e-4  # finetune: the pre-trained body moves slower than the fresh head
-    lr_head: float = 3e-3
-    probe_lr: float = 1e-2
-    probe_epochs: int = 300  # full-batch steps of the probe's logistic regression
-    weight_decay: float = 0.01
-    class_weight: bool = True  # inverse-frequency loss weights: the macro metrics reward the rare classes
-    # finetune: weight of an auxiliary next-token loss on the training texts: keeps the body a language model of
-    # the task's text while it learns the labels (it raised the val metrics: README, TweetEval)
-    lm_weight: float = 0.5
-    max_len: int = 128  # tokens per text, bos included
-    batch_tokens: int = 1024  # padded token slots per training batch
-    seed: int = 0
 
 
 @dataclass

@@ -23,15 +23,16 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+import typing
 from contextlib import nullcontext
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from myna.data.loader import TokenLoader
-from myna.eval.classify import ClassifySettings
+from myna.eval.settings import EvalConfig
 from myna.eval.tweeteval import TASKS, format_table, run_tweeteval
 from myna.infer.engine import Engine, SamplingParams, cpu_threads
 from myna.io import atomic_write
@@ -43,10 +44,7 @@ from myna.train.loop import autocast_dtype, evaluate
 from myna.train.sft import PackedLoader, assistant_eval_fn, encode_dialogues, parse_dialogue
 from myna.train.tuning import held_out, opening, read_records
 
-TWEETEVAL_DIR = Path(__file__).resolve().parents[2] / "data" / "tweeteval"  # the bundled copy
-MODES = ("classifier", "lm", "both", "none")
-VAL_TOKENS = 2**20  # at most this many val tokens (the whole val split of the bundled sample is ~70k)
-CHAT_MAX_TOKENS = 64
+MODES = typing.get_args(typing.get_type_hints(EvalConfig)["tweeteval_mode"])
 BASE_NOTE = "base model (pre-trained only): it never learned the chat template; these show where SFT starts"
 
 # The fixed sample conversations: the same prompts for every run, so replies compare across runs and stages.
@@ -130,7 +128,7 @@ def _seq_len(loaded: Loaded, config: dict) -> int:
     return min(config.get("train", {}).get("seq_len", loaded.config.max_seq_len), loaded.config.max_seq_len)
 
 
-def val_loss_bpb(loaded: Loaded, data_dir: Path, seq_len: int, max_tokens: int = VAL_TOKENS) -> dict:
+def val_loss_bpb(loaded: Loaded, data_dir: Path, seq_len: int, max_tokens: int) -> dict:
     """Loss and bits per byte over the val shards' windows in order (at most max_tokens predicted tokens)."""
     device = loaded.model.tok_emb.weight.device
     shards = data_dir / "shards" / "val"
@@ -249,43 +247,34 @@ def hardware() -> dict:
 
 
 def evaluate_run(
-    run: str | Path,
-    out: str | Path | None = None,
-    tweeteval: str | Path | None = None,
-    tweeteval_mode: str = "classifier",
-    train_cap: int | None = None,
-    test_cap: int | None = None,
-    settings: ClassifySettings | None = None,
-    shots: int = 0,
-    tasks: Sequence[str] = TASKS,
-    seeds: int = 1,
-    seed_choice: str = "average",
-    chat_prompts: int = 200,
-    chat_max_tokens: int = CHAT_MAX_TOKENS,
-    val_tokens: int = VAL_TOKENS,
-    device: str = "cpu",
+    run: str | Path, out: str | Path | None = None, config: EvalConfig | None = None, **settings
 ) -> dict:
     """`myna eval RUN`: val loss/bpb, chat checks, TweetEval; writes `out` (default RUN/eval.json) and returns it.
 
-    tweeteval: the TweetEval data folder (default: the bundled data/tweeteval). tweeteval_mode: "classifier"
-    (`seeds` fine-tuned classifiers per task, `settings`, their probabilities averaged or, with seed_choice "best",
-    the one val scores highest kept), "lm" (label words scored by LM likelihood, `shots` examples), "both" or
-    "none". train_cap / test_cap keep the first rows of each train / test set (None: all; a capped test set is not
-    comparable to the published rows). TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
+    `config` (default EvalConfig()) says what to measure and how; keyword `settings` replace its fields by name.
+    TweetEval modes: "classifier" (`seeds` fine-tuned classifiers per task, their probabilities averaged or, with
+    seed_choice "best", the one val scores highest kept), "lm" (label words scored by LM likelihood, `shots`
+    examples), "both" or "none". TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
     """
-    if tweeteval_mode not in MODES:
-        raise ValueError(f"tweeteval_mode={tweeteval_mode!r}: expected one of {', '.join(MODES)}")
-    tweeteval = Path(tweeteval) if tweeteval is not None else TWEETEVAL_DIR
-    if tweeteval_mode != "none" and not tweeteval.is_dir():
+    config = replace(config or EvalConfig(), **settings)
+    if config.tweeteval_mode not in MODES:
+        raise ValueError(f"tweeteval_mode={config.tweeteval_mode!r}: expected one of {', '.join(MODES)}")
+    tasks = config.tasks or TASKS
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(
+            f"unknown TweetEval task(s) {', '.join(sorted(unknown))}; expected {', '.join(TASKS)}"
+        )
+    tweeteval = Path(config.tweeteval)
+    if config.tweeteval_mode != "none" and not tweeteval.is_dir():
         raise FileNotFoundError(f"{tweeteval}: no TweetEval data folder (pass --tweeteval DIR)")
     chain = lineage(run)
-    run_dir, config = chain[0]
+    run_dir, run_config = chain[0]
     data_dir, dialogues = data_sources(chain)  # fails early when the data is gone
     out = Path(out) if out is not None else run_dir / "eval.json"
-    stage = stage_of(config)
+    stage = stage_of(run_config)
 
-    loaded = load_model(run, device)
-    seq_len = _seq_len(loaded, config)
+    loaded = load_model(run, config.device)
+    seq_len = _seq_len(loaded, run_config)
     seconds: dict[str, float] = {}
     result: dict = {
         "run": str(run_dir),
@@ -299,7 +288,7 @@ def evaluate_run(
     }
 
     t = time.time()
-    result["val"] = val_loss_bpb(loaded, data_dir, seq_len, val_tokens)
+    result["val"] = val_loss_bpb(loaded, data_dir, seq_len, config.val_tokens)
     seconds["val"] = round(time.time() - t, 1)
     log(f"val: loss {result['val']['loss']:.4f}, {result['val']['bpb']:.4f} bits per byte")
 
@@ -307,7 +296,9 @@ def evaluate_run(
     if dialogues is None:
         result["chat"] = {"stage": stage, "skipped": f"{data_dir} has no dialogues.jsonl"}
     else:
-        result["chat"] = chat_checks(loaded, dialogues, seq_len, stage, chat_prompts, chat_max_tokens)
+        result["chat"] = chat_checks(
+            loaded, dialogues, seq_len, stage, config.chat_prompts, config.chat_max_tokens
+        )
         c = result["chat"]
         rate = c["compliance"]["rate"]
         log(
@@ -319,7 +310,7 @@ def evaluate_run(
     del loaded
 
     result["tweeteval"] = {}
-    modes = {"both": ("classifier", "lm"), "none": ()}.get(tweeteval_mode, (tweeteval_mode,))
+    modes = {"both": ("classifier", "lm"), "none": ()}.get(config.tweeteval_mode, (config.tweeteval_mode,))
     for mode in modes:
         t = time.time()
         r = run_tweeteval(
@@ -327,32 +318,22 @@ def evaluate_run(
             tweeteval,
             out.parent / "tweeteval" / mode,
             mode=mode,
-            shots=shots,
-            train_cap=train_cap if mode == "classifier" else None,
-            test_cap=test_cap,
-            settings=settings,
+            shots=config.shots,
+            train_cap=config.train_cap if mode == "classifier" else None,
+            test_cap=config.test_cap,
+            settings=config.settings,
             tasks=tasks,
-            device=device,
-            seeds=seeds,
-            seed_choice=seed_choice,
+            device=config.device,
+            seeds=config.seeds,
+            seed_choice=config.seed_choice,
         )
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)
         log(f"TweetEval ({r['mode']}): " + ", ".join(f"{k} {v:.1f}" for k, v in r["scores"].items()))
-    result["settings"] = {
-        "tweeteval": str(tweeteval),
-        "tweeteval_mode": tweeteval_mode,
-        "train_cap": train_cap,
-        "test_cap": test_cap,
-        "shots": shots,
-        "tasks": list(tasks),
-        "seeds": seeds,
-        "seed_choice": seed_choice,
-        "chat_prompts": chat_prompts,
-        "chat_max_tokens": chat_max_tokens,
-        "val_tokens": val_tokens,
-        "device": device,
-    }
+    settings = {
+        k: v for k, v in asdict(config).items() if k != "settings"
+    }  # the classifiers': in each result
+    result["settings"] = settings | {"tweeteval": str(tweeteval), "tasks": list(tasks)}
     with atomic_write(out, "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
     log(f"[green]eval written to {out}")

@@ -8,8 +8,8 @@ from myna.moderation import Policy
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"  # the address to listen on; loopback: only this machine can connect
-    port: int = 8000
-    api_key: str | None = None  # the bearer key /v1 requires; None: no key, see allowed_hosts
+    port: int = 8000  # the port to listen on
+    api_key: str | None = None  # the bearer key /v1 requires (myna serve: else $MYNA_API_KEY); None: no key
     allowed_hosts: tuple[str, ...] = ()  # without a key, Host names answered besides loopback ones ("*": any)
     max_concurrency: int = 32  # requests in flight; one more gets 429 before its body is parsed
     max_batch: int | None = (
@@ -18,7 +18,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20  # a larger request body gets 413
     body_timeout: float = 30.0  # seconds for a request's body to arrive, or 408
     header_timeout: float = 10.0  # seconds for a request's headers to arrive, or the connection is closed
-    policy: Policy | None = None  # moderation; None: Policy.default(), which labels and blocks nothing
+    policy: Policy | None = None  # moderation: a JSON/TOML file, 'default' or 'off'; None: Policy.default()
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1 ...
     log_level: str = "info"  # uvicorn's
 

@@ -33,6 +33,7 @@ import copy
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -242,13 +243,13 @@ def dpo_eval_fn(reference: nn.Module, beta: float, dist: Dist, max_batches: int)
 
 
 def dpo(
-    base: str | Path,
-    data: str | Path,
-    out: str | Path,
-    steps: int | None = None,
-    beta: float = DEFAULT_BETA,
-    resume: bool | str = False,
-    parallel: str = "none",
+    base: str | Path,  # SFT run (also the frozen reference)
+    data: str | Path,  # data directory (its prefs.jsonl) or a prefs JSONL file
+    out: str | Path,  # run directory for the tuned model
+    steps: int | None = None,  # optimizer steps (default: scaled to the data)
+    beta: float = DEFAULT_BETA,  # DPO temperature
+    resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
+    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
     on_step=None,
     **overrides,
 ) -> dict:

@@ -6,6 +6,7 @@ Run under torchrun for several processes; every rank calls pretrain() with the s
 
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -35,14 +36,14 @@ def _apply_overrides(
 
 
 def pretrain(
-    data_dir: str | Path,
-    out: str | Path,
-    preset: str = "cpu",
-    steps: int | None = None,
-    save_every: int | None = None,
-    resume: bool | str = False,
-    parallel: str = "none",
-    compile: bool = False,
+    data_dir: str | Path,  # data directory from `myna data prepare`
+    out: str | Path,  # run directory: config, metrics.jsonl, checkpoints
+    preset: str = "cpu",  # model size: tiny, cpu, 124m, 350m, 1b, 8b, 70b
+    steps: int | None = None,  # optimizer steps (default: the preset's)
+    save_every: int | None = None,  # checkpoint every N steps (default: the preset's)
+    resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
+    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
+    compile: bool = False,  # torch.compile the model
     on_step=None,
     final_checkpoint: bool = True,
     **overrides,

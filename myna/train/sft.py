@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -265,13 +266,13 @@ def assistant_eval_fn(dist: Dist, max_batches: int) -> Callable:
 
 
 def sft(
-    base: str | Path,
-    data: str | Path,
-    out: str | Path,
-    steps: int | None = None,
-    resume: bool | str = False,
-    parallel: str = "none",
-    compile: bool = False,
+    base: str | Path,  # pre-trained run (or one of its checkpoints)
+    data: str | Path,  # data directory (its dialogues.jsonl) or a JSONL file of OpenAI-messages records
+    out: str | Path,  # run directory for the tuned model
+    steps: int | None = None,  # optimizer steps (default: scaled to the data)
+    resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
+    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
+    compile: bool = False,  # torch.compile the model
     on_step=None,
     **overrides,
 ) -> dict:
