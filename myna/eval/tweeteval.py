@@ -162,7 +162,7 @@ def gold_and_predictions(
 
 
 def score_predictions(data_dir: str | Path, predictions_dir: str | Path) -> dict[str, float]:
-    """`myna eval tweeteval-score`: the official score (percent) of every task and ALL for a predictions folder."""
+    """`myna tweeteval score`: the official score (percent) of every task and ALL for a predictions folder."""
     scores = {}
     for task in TASKS:
         gold, pred = gold_and_predictions(data_dir, predictions_dir, task)
