@@ -231,7 +231,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     """pretrain, sft or dpo with the settings of --config and the flags; RUN/run.yaml then holds them all."""
     settings = resolve(args, args.train, args.names, args.flags)
     args.train(**settings)
-    write_config(Path(settings["out"]) / "run.yaml", settings)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this; one writes
+        write_config(Path(settings["out"]) / "run.yaml", settings)
 
 
 def _policy(spec: str | None):

@@ -25,6 +25,7 @@ import yaml
 from myna.io import atomic_write
 
 REQUIRED = object()  # the declared default of a field or parameter that has none
+MAX_CONFIG_BYTES = 1 << 20  # a --config file: a few dozen settings
 
 
 def comments(source) -> dict[str, str]:
@@ -142,6 +143,8 @@ def given(args: argparse.Namespace, source) -> dict:
 
 def read_config(path: str | Path) -> dict:
     """A YAML file of settings by name (dashes or underscores), as `write_config` writes them."""
+    if (size := Path(path).stat().st_size) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a settings file may be")
     settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: expected a mapping of setting names to values")

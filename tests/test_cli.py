@@ -85,3 +85,10 @@ def test_a_config_file_names_only_known_settings(tmp_path):
     args = parse_args(["sft", "--config", str(tmp_path / "run.yaml")])
     with pytest.raises(ValueError, match=r"unknown setting\(s\) stepz"):
         resolve(args, args.train, args.names)
+
+
+def test_an_oversized_config_file_is_refused_before_it_is_read(tmp_path):
+    with open(tmp_path / "run.yaml", "wb") as f:
+        f.truncate(1 << 30)  # sparse: a gigabyte on paper, nothing on disk
+    with pytest.raises(ValueError, match=r"run\.yaml: 1,073,741,824 bytes, over the"):
+        read_config(tmp_path / "run.yaml")
