@@ -30,6 +30,14 @@ def _resolve_paths(paths_or_dir: str | Path | Iterable[str | Path]) -> list[Path
     return paths
 
 
+def epoch_order(n: int, shuffle_seed: int | None, epoch: int) -> np.ndarray:
+    """The order of n items in `epoch`: as they stand without a seed, else a permutation seeded by (seed, epoch)
+    alone, so every rank and every resumed run draws the same one."""
+    if shuffle_seed is None:
+        return np.arange(n)
+    return np.random.default_rng([shuffle_seed, epoch]).permutation(n)
+
+
 class TokenLoader:
     """Endless (x, y) int64 batches of shape (batch_size, seq_len) from token shards; see the module docstring."""
 
@@ -72,11 +80,8 @@ class TokenLoader:
         if self.shuffle_seed is None:
             return i
         if epoch not in self._orders:
-            # seeded by (seed, epoch) alone, so every rank and every resumed run draws the same order
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.random.default_rng([self.shuffle_seed, epoch]).permutation(
-                self.num_windows
-            )
+            self._orders[epoch] = epoch_order(self.num_windows, self.shuffle_seed, epoch)
         return int(self._orders[epoch][i])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from myna.data.loader import epoch_order
 from myna.data.schema import Reject
 from myna.runs import load_model, start_run
 from myna.template import check_messages, render, render_prompt
@@ -135,14 +136,7 @@ class PairLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.shuffle_seed = shuffle_seed
         n = len(pairs)
-        self.stream = tuning.EpochStream(
-            lambda e: (
-                list(range(n))
-                if shuffle_seed is None
-                else np.random.default_rng([shuffle_seed, e]).permutation(n).tolist()
-            ),
-            repeat,
-        )
+        self.stream = tuning.EpochStream(lambda e: epoch_order(n, shuffle_seed, e).tolist(), repeat)
         self.batches_per_epoch = math.ceil(n / (batch_size * world_size))
         self._lengths = [len(x) for pair in pairs for x, _ in pair]
 

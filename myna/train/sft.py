@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from myna.data.loader import epoch_order
 from myna.model import lm_loss
 from myna.runs import load_model, start_run
 from myna.template import check_messages, render
@@ -157,14 +158,8 @@ class PackedLoader:
 
     def _pack(self, epoch: int) -> list[list[int]]:
         """The rows of `epoch`: lists of example indices, filled in order until the next one does not fit."""
-        n = len(self.examples)
-        order = (
-            range(n)
-            if self.shuffle_seed is None
-            else np.random.default_rng([self.shuffle_seed, epoch]).permutation(n)
-        )
         rows, row, used = [], [], 0
-        for i in order:
+        for i in epoch_order(len(self.examples), self.shuffle_seed, epoch).tolist():
             if used + self.lengths[i] > self.seq_len:
                 rows.append(row)
                 row, used = [], 0
