@@ -236,6 +236,24 @@ def dpo_eval_fn(reference: nn.Module, beta: float, dist: Dist, max_batches: int)
 # The command
 
 
+def _encode_pairs(pairs: list[dict], side: list[bool], tok: Tokenizer, seq_len: int, rejects: list[Reject]):
+    """({held out?: encoded pairs}, prompts shortened, replies cut); a pair that cannot be encoded (e.g. a system
+    prompt that leaves no room for the reply) joins `rejects`."""
+    encoded: dict[bool, list] = {True: [], False: []}
+    shortened = cut = 0
+    for pair, is_val in zip(pairs, side, strict=True):
+        try:
+            rows, flags = encode_pair(pair, tok, seq_len)
+        except ValueError as e:
+            file, _, line = pair["where"].rpartition(":")
+            rejects.append(Reject(file, int(line), str(e)))
+            continue
+        encoded[is_val].append(rows)
+        shortened += flags["prompt_shortened"]
+        cut += flags["reply_cut"]
+    return encoded, shortened, cut
+
+
 def dpo(
     base: str | Path,  # SFT run (also the frozen reference)
     data: str | Path,  # data directory (its prefs.jsonl) or a prefs JSONL file
@@ -270,18 +288,7 @@ def dpo(
         tok, mcfg = loaded.tokenizer, loaded.config
         tcfg = tuning.tuned_config(base_config["train"], LR_SCALE, overrides, mcfg)
 
-        encoded = {True: [], False: []}
-        shortened = cut = 0
-        for pair, is_val in zip(pairs, side, strict=True):
-            try:
-                rows, flags = encode_pair(pair, tok, tcfg.seq_len)
-            except ValueError as e:  # e.g. a system prompt that leaves no room for the reply
-                file, _, line = pair["where"].rpartition(":")
-                rejects.append(Reject(file, int(line), str(e)))
-                continue
-            encoded[is_val].append(rows)
-            shortened += flags["prompt_shortened"]
-            cut += flags["reply_cut"]
+        encoded, shortened, cut = _encode_pairs(pairs, side, tok, tcfg.seq_len, rejects)
         if not encoded[False] or not encoded[True]:
             raise ValueError(f"{path}: no pair left to train on or to hold out after encoding")
         loader_args = (tcfg.batch_size, tok.pad_id, dist.rank, dist.world_size, dist.device)
