@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from test_serve import KEY, LiveServer, chat, error_of, hooks, wait_for
+from live_server import KEY, LiveServer, chat, error_of, hooks, wait_for
 
 import myna.serve.api as api
 import myna.serve.protocol as protocol

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from live_server import KEY, LiveServer, hooks
 from playwright.sync_api import expect, sync_playwright
-from test_serve import KEY, LiveServer, hooks
 
 from myna.moderation import Policy
 from myna.serve.api import create_app
