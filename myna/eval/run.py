@@ -257,16 +257,7 @@ def evaluate_run(
     examples), "both" or "none". TweetEval's predictions and per-mode results go to OUT_DIR/tweeteval/MODE/.
     """
     config = replace(config or EvalConfig(), **settings)
-    if config.tweeteval_mode not in MODES:
-        raise ValueError(f"tweeteval_mode={config.tweeteval_mode!r}: expected one of {', '.join(MODES)}")
-    tasks = config.tasks or TASKS
-    if unknown := set(tasks) - set(TASKS):
-        raise ValueError(
-            f"unknown TweetEval task(s) {', '.join(sorted(unknown))}; expected {', '.join(TASKS)}"
-        )
-    tweeteval = Path(config.tweeteval)
-    if config.tweeteval_mode != "none" and not tweeteval.is_dir():
-        raise FileNotFoundError(f"{tweeteval}: no TweetEval data folder (pass --tweeteval DIR)")
+    tweeteval, tasks = _tweeteval_inputs(config)
     chain = lineage(run)
     run_dir, run_config = chain[0]
     data_dir, dialogues = data_sources(chain)  # fails early when the data is gone
@@ -299,13 +290,7 @@ def evaluate_run(
         result["chat"] = chat_checks(
             loaded, dialogues, seq_len, stage, config.chat_prompts, config.chat_max_tokens
         )
-        c = result["chat"]
-        rate = c["compliance"]["rate"]
-        log(
-            f"chat ({stage}): held-out loss {c['held_out_loss']}, "
-            f"closed with <|end|>: {c['compliance']['closed_with_end']}/{c['compliance']['prompts']}"
-            + (f" ({100 * rate:.0f}%)" if rate is not None else "")
-        )
+        _log_chat(result["chat"], stage)
     seconds["chat"] = round(time.time() - t, 1)
     del loaded
 
@@ -330,14 +315,37 @@ def evaluate_run(
         result["tweeteval"][mode] = {**r, "name": _row_name(stage, mode, r)}
         seconds[f"tweeteval_{mode}"] = round(time.time() - t, 1)
         log(f"TweetEval ({r['mode']}): " + ", ".join(f"{k} {v:.1f}" for k, v in r["scores"].items()))
-    settings = {
-        k: v for k, v in asdict(config).items() if k != "settings"
-    }  # the classifiers': in each result
+    # the classifier settings are in each TweetEval result
+    settings = {k: v for k, v in asdict(config).items() if k != "settings"}
     result["settings"] = settings | {"tweeteval": str(tweeteval), "tasks": list(tasks)}
     with atomic_write(out, "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
     log(f"[green]eval written to {out}")
     return result
+
+
+def _tweeteval_inputs(config: EvalConfig) -> tuple[Path, tuple[str, ...]]:
+    """The TweetEval data folder and tasks, checked before any work starts."""
+    if config.tweeteval_mode not in MODES:
+        raise ValueError(f"tweeteval_mode={config.tweeteval_mode!r}: expected one of {', '.join(MODES)}")
+    tasks = tuple(config.tasks or TASKS)
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(
+            f"unknown TweetEval task(s) {', '.join(sorted(unknown))}; expected {', '.join(TASKS)}"
+        )
+    tweeteval = Path(config.tweeteval)
+    if config.tweeteval_mode != "none" and not tweeteval.is_dir():
+        raise FileNotFoundError(f"{tweeteval}: no TweetEval data folder (pass --tweeteval DIR)")
+    return tweeteval, tasks
+
+
+def _log_chat(c: dict, stage: str) -> None:
+    rate = c["compliance"]["rate"]
+    log(
+        f"chat ({stage}): held-out loss {c['held_out_loss']}, "
+        f"closed with <|end|>: {c['compliance']['closed_with_end']}/{c['compliance']['prompts']}"
+        + (f" ({100 * rate:.0f}%)" if rate is not None else "")
+    )
 
 
 def _row_name(stage: str, mode: str, r: dict) -> str:
