@@ -362,6 +362,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> None:
     log(f"converted to safetensors: {convert_checkpoint(args.path)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from myna.export import export_hf
+
+    log(f"exported for transformers: {export_hf(args.ckpt, args.out)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from myna.eval.report import write_report
 
@@ -524,6 +530,13 @@ def checkpoint_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_checkpoint)
 
 
+def export_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("format", choices=["hf"], help="hf: a folder transformers and vLLM load")
+    sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    sp.add_argument("--out", required=True, help="folder to write (replaced whole, never half-written)")
+    sp.set_defaults(fn=cmd_export)
+
+
 def report_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run", help="run directory")
     sp.set_defaults(fn=cmd_report)
@@ -542,6 +555,7 @@ VERBS = {
     "eval": ("evaluate a run: RUN/eval.json", eval_parser),
     "tweeteval": ("score TweetEval predictions laid out like the upstream repository's", tweeteval_parser),
     "checkpoint": ("checkpoint upkeep: convert one from the old pickle format", checkpoint_parser),
+    "export": ("a run for other tools: a Hugging Face folder (transformers, vLLM)", export_parser),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }
 
