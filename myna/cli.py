@@ -363,9 +363,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from myna.export import export_hf
+    from myna.export import export_gguf, export_hf
 
-    log(f"exported for transformers: {export_hf(args.ckpt, args.out)}")
+    if args.format == "gguf":
+        log(f"exported for llama.cpp and Ollama: {export_gguf(args.ckpt, args.out, args.dtype)}")
+    else:
+        log(f"exported for transformers: {export_hf(args.ckpt, args.out)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -531,9 +534,18 @@ def checkpoint_parser(sp: argparse.ArgumentParser) -> None:
 
 
 def export_parser(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("format", choices=["hf"], help="hf: a folder transformers and vLLM load")
+    from myna.export import GGUF_DTYPES
+
+    sp.add_argument(
+        "format",
+        choices=["hf", "gguf"],
+        help="hf: a folder transformers and vLLM load; gguf: one file llama.cpp and Ollama run",
+    )
     sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
-    sp.add_argument("--out", required=True, help="folder to write (replaced whole, never half-written)")
+    sp.add_argument("--out", required=True, help="folder (hf) or file (gguf) to write, never half-written")
+    sp.add_argument(
+        "--dtype", choices=list(GGUF_DTYPES), default="f16", help="gguf: the matrices' type (norms stay f32)"
+    )
     sp.set_defaults(fn=cmd_export)
 
 
@@ -555,7 +567,10 @@ VERBS = {
     "eval": ("evaluate a run: RUN/eval.json", eval_parser),
     "tweeteval": ("score TweetEval predictions laid out like the upstream repository's", tweeteval_parser),
     "checkpoint": ("checkpoint upkeep: convert one from the old pickle format", checkpoint_parser),
-    "export": ("a run for other tools: a Hugging Face folder (transformers, vLLM)", export_parser),
+    "export": (
+        "a run for other tools: a Hugging Face folder (transformers, vLLM) or a GGUF file (llama.cpp, Ollama)",
+        export_parser,
+    ),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }
 

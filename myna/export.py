@@ -1,19 +1,26 @@
-"""`myna export hf`: a run as a Hugging Face folder that transformers (and so vLLM) load as it is.
+"""`myna export hf` and `myna export gguf`: a run as a Hugging Face folder that transformers (and so vLLM) load
+as it is, or as one GGUF file for llama.cpp and Ollama.
 
 Myna's model is a Llama: RoPE on the two halves of each head (transformers' rotate_half), RMSNorm, SwiGLU,
 grouped-query attention, no biases. Without QK-norm it is exactly LlamaForCausalLM; with it, Qwen3ForCausalLM,
 whose per-head q/k RMSNorm sits where Myna's does (after the projections, before RoPE). Every ModelConfig Myna
 builds is one of the two, so nothing is refused; the tests compare logits and greedy generations with
 transformers'. The chat template travels as Jinja in tokenizer_config.json and renders template.py's ids.
+
+The GGUF file follows llama.cpp's convert_hf_to_gguf.py: architecture "llama" or "qwen3", tensors named by the
+gguf package's own map from transformers' names, and for "llama" the q/k rows reordered to the rotate-pairs
+layout llama.cpp's llama uses (its qwen3 rotates halves, as Myna does, so its rows stay). transformers reads
+the file back to the same logits (tests).
 """
 
 import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
-from myna.io import atomic_dir
+from myna.io import atomic_dir, atomic_path
 from myna.runs import load_model
 from myna.template import turn_stop_ids
 
@@ -118,4 +125,80 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
             ("generation_config.json", generation_config),
         ):
             (tmp / name).write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
+    return Path(out)
+
+
+# --dtype -> the name of the file type llama.cpp records for it (gguf.LlamaFileType)
+GGUF_DTYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "f32": "ALL_F32"}
+
+
+def rope_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Each head's rows from rotate-halves order to rotate-pairs order: llama.cpp's llama rotates adjacent pairs
+    (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+    """Write the run (or checkpoint) `ckpt` as the GGUF file `out`, whole or not at all; matrices in `dtype`,
+    norm weights in f32 (as llama.cpp's converter keeps them); returns `out`."""
+    try:
+        import gguf  # llama.cpp's package; only this command needs it
+    except ImportError as e:
+        raise ValueError("writing GGUF needs llama.cpp's gguf package: pip install 'gguf>=0.17,<1'") from e
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(GGUF_DTYPES)}")
+    loaded = load_model(ckpt)
+    cfg, tok = loaded.config, loaded.tokenizer
+    arch = "qwen3" if cfg.qk_norm else "llama"
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)  # from transformers' names
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
+
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_name(loaded.run_dir.name)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_DTYPES[dtype]])
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+
+    vocab = {i: piece for piece, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+    special = set(tok.special_ids.values())
+    merges = json.loads(tok.hf.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")  # Llama 3's split regex, which is Myna's SPLIT_PATTERN
+    writer.add_token_list([vocab[i] for i in range(cfg.vocab_size)])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(cfg.vocab_size)]
+    )
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eot_id)
+    writer.add_pad_token_id(tok.pad_id)
+    writer.add_add_bos_token(True)  # every document starts with <|bos|>; llama.cpp drops the template's own
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    for name, w in loaded.model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        w = w.float()
+        if arch == "llama" and name.endswith(("attn.q.weight", "attn.k.weight")):
+            w = rope_pairs(w, cfg.n_head if ".q." in name else cfg.n_kv_head)
+        w_type = qtype if w.dim() > 1 else gguf.GGMLQuantizationType.F32
+        data = gguf.quants.quantize(w.contiguous().numpy(), w_type)
+        writer.add_tensor(names.get_name(hf_name(name), try_suffixes=(".weight",)), data, raw_dtype=w_type)
+
+    with atomic_path(out) as tmp:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return Path(out)
