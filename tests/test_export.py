@@ -1,7 +1,7 @@
 """`myna export hf`: transformers loads the folder offline and computes what Myna computes: the same logits
 (fp32), the same greedy replies, the same chat-template ids; Llama for runs without QK-norm, Qwen3 with it.
 `myna export gguf`: gguf's reader reads back Myna's tensors and metadata, and transformers loads the file to the
-same logits."""
+same logits and a tokenizer that gives Myna's ids."""
 
 import json
 import os
@@ -252,6 +252,15 @@ def test_transformers_loads_the_gguf(run_dir: Path, tmp_path: Path, shape: dict,
     idx = torch.randint(0, loaded.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (loaded.model(idx) - hf.eval()(idx).logits).abs().max() <= 1e-4
+    # the tokenizer too: the gpt2 BPE with the llama-bpe split is Myna's, and the template renders its ids
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for message in CHAT:
+        text = message["content"]
+        assert hf_tok(text)["input_ids"] == loaded.tokenizer.document(text)
+    assert (
+        hf_tok.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
+        == render_prompt(CHAT, loaded.tokenizer).ids
+    )
 
 
 def test_gguf_refuses_an_unknown_dtype(run_dir: Path, tmp_path: Path):
