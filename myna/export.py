@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors.torch import save_file
 
@@ -141,11 +142,6 @@ def rope_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
     """Write the run (or checkpoint) `ckpt` as the GGUF file `out`, whole or not at all; matrices in `dtype`,
     norm weights in f32 (as llama.cpp's converter keeps them); returns `out`."""
-    try:
-        import gguf  # llama.cpp's package; only this command needs it
-    except ImportError as e:
-        raise ValueError("writing GGUF needs llama.cpp's gguf package: pip install 'gguf>=0.17,<1'") from e
-
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(GGUF_DTYPES)}")
     loaded = load_model(ckpt)
