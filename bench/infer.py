@@ -2,7 +2,7 @@
 and time to first token. Each number is the median of several runs after a warm-up.
 
     python bench/infer.py [--ckpt RUN | --preset P] [--device cpu|cuda] [--streams 1,8] [--prompt-tokens 32]
-                          [--max-tokens 64] [--runs 3]
+                          [--max-tokens 64] [--runs 3] [--vs-transformers]
 
 Without --ckpt the model is the `cpu` preset's shape (vocab 8192) with random weights: speed depends on shapes
 only. Prompts are bundled tweets. All streams of a run are submitted together and sample at temperature 1 with
@@ -12,11 +12,22 @@ Decode tokens/s counts every token after each stream's first, over the time from
 last finish (aggregate over the streams); TTFT is submit -> first token (median over streams), which includes
 the prefill and, for batched streams, waiting for the batch's shared prefill. Threads: --threads, else those of
 `myna serve` (OMP_NUM_THREADS, or 1 on CPU).
+
+--vs-transformers (CPU) times the engine with its KV cache beside transformers' `generate` on the same weights:
+the model goes through `myna export hf` and transformers loads it in fp32 (eval, inference mode). Both decode
+greedily exactly --max-tokens tokens (the engine fails the run if <|end|> cuts a stream short; `generate` gets
+min_new_tokens = max_new_tokens), on the same number of torch threads. N streams are N concurrent requests to
+the engine and one batched `generate` call of the same N prompts (equal lengths, so neither side pads); a
+streamer timestamps `generate`'s tokens, and the tokens/s and TTFT definitions above hold for both.
 """
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,10 +64,13 @@ def prompts(tok, n: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(n)]
 
 
-def run_once(engine, batch: list[list[int]], max_tokens: int) -> dict:
+def run_once(engine, batch: list[list[int]], max_tokens: int, temperature: float = 1.0) -> dict:
     from myna.infer.engine import SamplingParams
 
-    requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens, seed=i)) for i, p in enumerate(batch)]
+    requests = [
+        engine.submit(p, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i))
+        for i, p in enumerate(batch)
+    ]
     done = [r.result() for r in requests]
     first = max(r.submitted + c.ttft_s for r, c in zip(requests, done, strict=True))
     last = max(r.submitted + c.total_s for r, c in zip(requests, done, strict=True))
@@ -88,42 +102,109 @@ def measure(model, tok, counts: list[int], args) -> dict:
     return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", help="a run or checkpoint dir (default: random weights, cpu preset shape)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="cpu", help="model shape without --ckpt (default cpu)")
-    ap.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent streams")
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, help="torch threads on CPU (default: 1, as myna serve/chat use)")
-    args = ap.parse_args()
-
+def as_transformers(model, tok, ckpt: str | None, tmp: Path):
+    """The same weights as a transformers model, through `myna export hf`."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from myna.infer.engine import set_cpu_threads
+    from myna.export import export_hf
+    from myna.train import checkpoint
+    from myna.train.distributed import Dist
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        set_cpu_threads(args.device)
-    from rich.console import Console
+    if not ckpt:  # export_hf reads a run: write the random model as one
+        ckpt = tmp / "run"
+        ckpt.mkdir()
+        (ckpt / "config.json").write_text(json.dumps({"model": asdict(model.cfg)}))
+        tok.save(ckpt / "tokenizer.json")
+        checkpoint.save(ckpt, 1, model, torch.optim.AdamW(model.parameters()), {}, Dist())
+    out = export_hf(ckpt, tmp / "hf")
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def hf_run_once(hf, batch: list[list[int]], max_tokens: int) -> dict:
+    """One batched greedy `generate` call, timed as run_once times the engine."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        """When `generate` hands over each step's tokens (its first put is the prompt)."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(batch)
+    stamps = Stamps()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,  # the stop tokens are masked: every run decodes the same count
+            streamer=stamps,
+        )
+    assert len(stamps.times) == max_tokens + 1, "generate stopped early"
+    first, last = stamps.times[1], stamps.times[-1]
+    return {"decode_tps": len(batch) * (max_tokens - 1) / (last - first), "ttft_s": first - start}
+
+
+def measure_vs_transformers(model, tok, hf, counts: list[int], args) -> dict:
+    """Median results per (streams, "myna" | "transformers"), the two taking turns within each run."""
+    from myna.infer.engine import Engine, SamplingParams
+
+    engines = {n: Engine(model, tok, max_batch=n).start() for n in counts}
+    batches = {n: prompts(tok, n, args.prompt_tokens) for n in counts}
+    runs = {(n, side): [] for n in counts for side in ("myna", "transformers")}
+    try:
+        for n in counts:  # warm-up: allocator, kernels
+            engines[n].generate(batches[n][0], SamplingParams(max_tokens=8, temperature=0))
+            hf_run_once(hf, batches[n], 8)
+        for _ in range(args.runs):
+            for n in counts:
+                mine = run_once(engines[n], batches[n], args.max_tokens, temperature=0)
+                if mine["tokens"] != n * args.max_tokens:
+                    raise RuntimeError("greedy decoding reached <|end|>: try another --prompt-tokens")
+                runs[(n, "myna")].append(mine)
+                runs[(n, "transformers")].append(hf_run_once(hf, batches[n], args.max_tokens))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
+
+
+def vs_transformers_table(results: dict, counts: list[int], title: str):
     from rich.table import Table
 
-    model, tok, what = load(args.ckpt, args.device, args.preset)
-    counts = [int(s) for s in args.streams.split(",")]
-    results = measure(model, tok, counts, args)
+    table = Table(title=title)
+    for col in ("streams", "engine", "decode tok/s", "per stream", "TTFT ms", "decode vs HF", "TTFT vs HF"):
+        table.add_column(col, justify="right")
+    for n in counts:
+        theirs = results[(n, "transformers")]
+        for side in ("myna", "transformers"):
+            r = results[(n, side)]
+            table.add_row(
+                str(n),
+                side,
+                f"{r['decode_tps']:,.0f}",
+                f"{r['decode_tps'] / n:,.1f}",
+                f"{1000 * r['ttft_s']:,.1f}",
+                f"{r['decode_tps'] / theirs['decode_tps']:.2f}x",
+                f"{theirs['ttft_s'] / r['ttft_s']:.2f}x",  # how many times sooner the first token comes
+            )
+    return table
 
-    device = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    table = Table(
-        title=f"decode on {device}: {what}; prompt {args.prompt_tokens} tokens, {args.max_tokens} new, "
-        f"median of {args.runs}"
-    )
+
+def cache_table(results: dict, counts: list[int], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
     for col in (
         "streams",
         "KV cache",
@@ -148,7 +229,56 @@ def main() -> None:
                 f"{speedup:.2f}x" if cached else "",
                 f"{r['decode_tps'] / one:.2f}x" if cached else "",
             )
-    Console().print(table)
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="a run or checkpoint dir (default: random weights, cpu preset shape)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="cpu", help="model shape without --ckpt (default cpu)")
+    ap.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent streams")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads on CPU (default: 1, as myna serve/chat use)")
+    ap.add_argument(
+        "--vs-transformers",
+        action="store_true",
+        help="greedy decode beside transformers' generate on the same weights (CPU)",
+    )
+    args = ap.parse_args()
+    if args.vs_transformers and args.device != "cpu":
+        ap.error("--vs-transformers runs on CPU only")
+
+    import torch
+
+    from myna.infer.engine import set_cpu_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_cpu_threads(args.device)
+    from rich.console import Console
+
+    model, tok, what = load(args.ckpt, args.device, args.preset)
+    counts = [int(s) for s in args.streams.split(",")]
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    shape = f"prompt {args.prompt_tokens} tokens, {args.max_tokens} new, median of {args.runs}"
+    if args.vs_transformers:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = as_transformers(model, tok, args.ckpt, Path(tmp))
+            results = measure_vs_transformers(model, tok, hf, counts, args)
+        title = f"greedy decode on {device}, Myna's engine vs transformers' generate: {what}; {shape}"
+        table = vs_transformers_table(results, counts, title)
+    else:
+        results = measure(model, tok, counts, args)
+        table = cache_table(results, counts, f"decode on {device}: {what}; {shape}")
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":
