@@ -64,11 +64,10 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(cfg: ModelConfig, device: str | torch.device, bytes_per_weight: float = 4) -> None:
-    """Refuse, before building anything, a model whose weights (and, training, gradients and optimizer state:
-    bytes_per_weight 16 with AdamW in fp32) cannot fit in what the device has free."""
+def check_fits(cfg: ModelConfig, device: str | torch.device) -> None:
+    """Refuse, before building anything, a model whose fp32 weights cannot fit in what the device has free."""
     device = torch.device(device)
-    need = cfg.weight_bytes() / 4 * bytes_per_weight
+    need = cfg.weight_bytes()
     free = free_memory(device)
     if free is not None and need > free:
         raise ValueError(
@@ -169,7 +168,9 @@ def check_run_dir(out: Path, resume: bool, mcfg: ModelConfig) -> None:
             f"{out}: holds a run already ({', '.join(existing)}); pass --resume or a new --out"
         )
     if resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
+        saved = read_config(out).get("model")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{out}/config.json: no 'model' section")
         if saved != asdict(mcfg):
             diff = {k: (saved.get(k), v) for k, v in asdict(mcfg).items() if saved.get(k) != v}
             raise ValueError(f"{out}/config.json: the run's model differs from this one (saved, now): {diff}")

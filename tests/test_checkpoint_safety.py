@@ -288,3 +288,13 @@ def test_shards_of_another_vocabulary_are_refused(sample_data: Path, tmp_path: P
         ValueError, match=r"shards: token shards of a 512-token vocabulary, but .*tokenizer\.json has"
     ):
         pretrain(data, tmp_path / "run", preset="tiny", steps=1)
+
+
+def test_pretrain_refuses_a_model_the_machine_cannot_hold_before_writing_anything(
+    sample_data: Path, tmp_path: Path
+):
+    with pytest.raises(
+        ValueError, match=r"preset '70b': a model of 70,553,706,496 parameters .* needs [\d,.]+ GiB"
+    ):
+        pretrain(sample_data, tmp_path / "run", preset="70b", steps=1)
+    assert not (tmp_path / "run").exists()

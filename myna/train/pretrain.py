@@ -13,8 +13,7 @@ import torch
 from myna.config import ModelConfig, TrainConfig
 from myna.config import preset as get_preset
 from myna.data.loader import TokenLoader
-from myna.model import GPT
-from myna.runs import start_run
+from myna.runs import build_model, start_run
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.loop import train
@@ -72,11 +71,9 @@ def pretrain(
 
     dist = distributed.setup(parallel)
     try:
-        start_run(out, resume, mcfg, tcfg, tok_path, dist, preset=preset, data=str(data_dir))
-
         torch.manual_seed(tcfg.seed)
-        with dist.device:
-            model = GPT(mcfg)
+        model = build_model(mcfg, dist.device, f"preset {preset!r}")  # refused before OUT is touched
+        start_run(out, resume, mcfg, tcfg, tok_path, dist, preset=preset, data=str(data_dir))
         dist.log(
             f"model: {preset}, {model.num_params() / 1e6:.2f}M parameters; {tcfg.steps} steps of "
             f"{tcfg.tokens_per_step * dist.world_size:,} tokens; parallel={parallel} x {dist.world_size}"
