@@ -42,7 +42,7 @@ def data_flags(sp: argparse.ArgumentParser) -> None:
     from myna.data.dedup import DedupConfig
     from myna.data.pipeline import PrepareConfig
 
-    add_flags(sp, PrepareConfig, ["workers", "vocab_size", "val_fraction", "force"])
+    add_flags(sp, PrepareConfig, ["workers", "vocab_size", "tokenizer_from", "val_fraction", "force"])
     langs = {"languages": "--langs", "detect_language": "--no-lang-id"}
     add_flags(sp, CleanConfig, ["mask_handles", "mask_urls", "languages", "detect_language"], langs)
     near = {"near": "--no-near-dedup", "threshold": "--dedup-threshold"}
@@ -371,6 +371,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         log(f"exported for transformers: {export_hf(args.ckpt, args.out)}")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from myna.importing import import_gguf, import_hf
+
+    template = None
+    if args.chat_template:
+        path = Path(args.chat_template)
+        if path.stat().st_size > 1 << 20:
+            raise ValueError(f"{path}: over 1 MiB; not a chat template")
+        template = path.read_text(encoding="utf-8")
+    run = (import_gguf if args.format == "gguf" else import_hf)(args.source, args.out, template)
+    log(f"imported as a run: {run} (try: myna chat --ckpt {run})")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from myna.eval.report import write_report
 
@@ -434,7 +447,7 @@ def train_parser(train, names: list[str], flags: dict[str, str] | None = None):
 def pretrain_parser(sp: argparse.ArgumentParser) -> None:
     from myna.train.pretrain import pretrain
 
-    names = ["data_dir", "out", "preset", "steps", "save_every", "resume", "parallel", "compile"]
+    names = ["data_dir", "out", "preset", "init", "steps", "save_every", "resume", "parallel", "compile"]
     train_parser(pretrain, names, {"data_dir": "--data"})(sp)
 
 
@@ -549,6 +562,22 @@ def export_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_export)
 
 
+def import_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "format",
+        choices=["hf", "gguf"],
+        help="hf: a transformers folder (safetensors); gguf: one file, quantised ones dequantised to fp32",
+    )
+    sp.add_argument("source", help="the model folder (hf) or file (gguf)")
+    sp.add_argument(
+        "--out", required=True, help="the run folder to create (new or empty), never half-written"
+    )
+    sp.add_argument(
+        "--chat-template", help="a Jinja chat template file, for a model that ships none (or to override it)"
+    )
+    sp.set_defaults(fn=cmd_import)
+
+
 def report_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run", help="run directory")
     sp.set_defaults(fn=cmd_report)
@@ -570,6 +599,10 @@ VERBS = {
     "export": (
         "a run for other tools: a Hugging Face folder (transformers, vLLM) or a GGUF file (llama.cpp, Ollama)",
         export_parser,
+    ),
+    "import": (
+        "an open Llama-family model (transformers folder or GGUF file) as a run every verb accepts",
+        import_parser,
     ),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }

@@ -21,9 +21,11 @@ import gguf
 import torch
 from safetensors.torch import save_file
 
+from myna.gguf_reader import PRE_SPLITS
 from myna.io import atomic_dir, atomic_path
 from myna.runs import load_model
 from myna.template import turn_stop_ids
+from myna.tokenizer import Tokenizer
 
 # Myna's names inside a block -> transformers' (the same for Llama and Qwen3)
 BLOCK_NAMES = {
@@ -40,26 +42,6 @@ BLOCK_NAMES = {
     "mlp.down": "mlp.down_proj",
 }
 TOP_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-
-# template.py's format in Jinja: a prompt for generation puts the system messages first, as render_prompt does
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- if add_generation_prompt -%}"
-    "{%- set ordered = (messages | selectattr('role', 'equalto', 'system') | list)"
-    " + (messages | rejectattr('role', 'equalto', 'system') | list) -%}"
-    "{%- else -%}{%- set ordered = messages -%}{%- endif -%}"
-    "{%- for m in ordered -%}"
-    "{{- {'system': '<|system|>', 'user': '<|user|>', 'assistant': '<|assistant|>',"
-    " 'tool': '<|tool_result|>'}[m['role']] -}}"
-    "{{- m['content'] or '' -}}"
-    "{%- for call in m.get('tool_calls') or [] -%}"
-    "{%- set fn = call['function'] if 'function' in call else call -%}"
-    "{{- '<|tool_call|>' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) -}}"
-    "{%- endfor -%}"
-    "{{- '<|end|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
 
 
 def hf_name(name: str) -> str:
@@ -81,7 +63,8 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         for k, v in loaded.model.state_dict().items()
         if not (k == "lm_head.weight" and cfg.tie_embeddings)  # tied: the embedding is the head
     }
-    names = {i: s for s, i in tok.special_ids.items()}
+    fmt = tok.format
+    bos_id = tok.special_ids[fmt["bos_token"]]
     config = {
         "architectures": [f"{arch}ForCausalLM"],
         "model_type": arch.lower(),
@@ -98,28 +81,28 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
-        "bos_token_id": tok.bos_id,
+        "bos_token_id": bos_id,
         "eos_token_id": tok.eot_id,
         "pad_token_id": tok.pad_id,
         "torch_dtype": "float32",
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": names[tok.bos_id],
-        "eos_token": names[tok.eot_id],
-        "pad_token": names[tok.pad_id],
+        "bos_token": fmt["bos_token"],
+        "eos_token": fmt["end_token"],
+        "pad_token": fmt["pad_token"],
         "model_max_length": cfg.max_seq_len,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": fmt["chat_template"],
     }
-    # a reply ends at <|end|>, or where the model opens a new turn or document (template.turn_stop_ids)
+    # a reply ends at its stop token, or where the model opens a new turn or document (template.turn_stop_ids)
     generation_config = {
-        "bos_token_id": tok.bos_id,
+        "bos_token_id": bos_id,
         "eos_token_id": [tok.eot_id, *turn_stop_ids(tok)],
         "pad_token_id": tok.pad_id,
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")  # HF's format as it is
         for name, value in (
             ("config.json", config),
             ("tokenizer_config.json", tokenizer_config),
@@ -137,6 +120,35 @@ def rope_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Each head's rows from rotate-halves order to rotate-pairs order: llama.cpp's llama rotates adjacent pairs
     (convert_hf_to_gguf.py's LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _splits(pre: dict | None) -> list[str]:
+    """The split regexes a tokenizer.json pre-tokenizer applies, one after another, in llama.cpp's terms."""
+    if pre is None:
+        return []
+    if pre["type"] == "Sequence":
+        return [r for p in pre["pretokenizers"] for r in _splits(p)]
+    if (
+        pre["type"] == "Split"
+        and "Regex" in pre["pattern"]
+        and pre["behavior"] == "Isolated"
+        and not pre["invert"]
+    ):
+        return [pre["pattern"]["Regex"]]
+    if pre["type"] == "ByteLevel":  # with its own regex it splits as GPT-2 did
+        return PRE_SPLITS["gpt2"] if pre.get("use_regex", True) else []
+    if pre["type"] == "Digits" and pre.get("individual_digits"):
+        return [r"\p{N}"]
+    raise ValueError(f"the tokenizer's {pre['type']} pre-tokenizer has no llama.cpp equivalent")
+
+
+def gguf_pre_tokenizer(tok: Tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre): the first whose regexes are the same."""
+    splits = _splits(json.loads(tok.hf.to_str())["pre_tokenizer"])
+    name = next((name for name, known in PRE_SPLITS.items() if known == splits), None)
+    if name is None:
+        raise ValueError("the tokenizer splits text in a way llama.cpp names none of; GGUF cannot express it")
+    return name
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
@@ -170,17 +182,27 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
     special = set(tok.special_ids.values())
     merges = json.loads(tok.hf.to_str())["model"]["merges"]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")  # Llama 3's split regex, which is Myna's SPLIT_PATTERN
-    writer.add_token_list([vocab[i] for i in range(cfg.vocab_size)])
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tok))
+    # llama.cpp wants a token per embedding row: rows past the tokenizer's (a padded vocabulary) get unused
+    # placeholders, as its own converter writes them
+    writer.add_token_list([vocab.get(i, f"[PAD{i}]") for i in range(cfg.vocab_size)])
     writer.add_token_types(
-        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(cfg.vocab_size)]
+        [
+            gguf.TokenType.CONTROL
+            if i in special
+            else gguf.TokenType.NORMAL
+            if i in vocab
+            else gguf.TokenType.UNUSED
+            for i in range(cfg.vocab_size)
+        ]
     )
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(tok.bos_id)
+    writer.add_bos_token_id(tok.special_ids[tok.format["bos_token"]])
     writer.add_eos_token_id(tok.eot_id)
     writer.add_pad_token_id(tok.pad_id)
-    writer.add_add_bos_token(True)  # every document starts with <|bos|>; llama.cpp drops the template's own
-    writer.add_chat_template(CHAT_TEMPLATE)
+    # Myna's documents start with <|bos|> (llama.cpp then drops the template's own); an import keeps its setting
+    writer.add_add_bos_token(tok.format["add_bos_token"])
+    writer.add_chat_template(tok.format["chat_template"])
 
     for name, w in loaded.model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:

@@ -62,8 +62,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():  # a subfolder's files were synced by whoever wrote them
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

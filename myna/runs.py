@@ -17,7 +17,7 @@ from myna.config import ModelConfig, TrainConfig
 from myna.io import atomic_path, atomic_write, read_json
 from myna.model import GPT
 from myna.progress import log
-from myna.tokenizer import Tokenizer
+from myna.tokenizer import FORMAT_FILE, Tokenizer
 from myna.train import checkpoint
 from myna.train.distributed import Dist
 from myna.train.optim import build_optimizer
@@ -34,10 +34,16 @@ class Loaded:
 
 
 def copy_tokenizer(src: str | Path, run_dir: str | Path) -> None:
-    """Put the tokenizer beside the checkpoints, so the run is usable without the data folder."""
-    dest = Path(run_dir) / "tokenizer.json"
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
+    """Put the tokenizer (and an imported model's tokenizer_format.json) beside the checkpoints, so the run is
+    usable without the data folder."""
+    src, run_dir = Path(src), Path(run_dir)
+    for name in ("tokenizer.json", FORMAT_FILE):
+        source, dest = src.with_name(name), run_dir / name
+        if source.is_file():
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(source, tmp)
+        else:
+            dest.unlink(missing_ok=True)
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -141,8 +147,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path}: the run has no tokenizer")
     tokenizer = Tokenizer.from_file(tok_path)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"{tok_path}: vocab {tokenizer.vocab_size} but the model has {cfg.vocab_size}")
+    if tokenizer.vocab_size > cfg.vocab_size:  # fewer is fine: imported models often pad the embedding
+        raise ValueError(f"{tok_path}: vocab {tokenizer.vocab_size} but the model has only {cfg.vocab_size}")
     model = build_model(cfg, device, f"{run_dir}/config.json")
     state = checkpoint.load(ckpt, model)
     return Loaded(model.eval(), tokenizer, cfg, run_dir, ckpt, state["step"])

@@ -12,13 +12,15 @@ byte-hashing BPE equals pair-merge BPE under exactly that condition; `ignore_mer
 whole-piece shortcut tiktoken takes. `Tokenizer` only builds the tiktoken path when the tokenizer.json has this
 structure, otherwise every call goes through HF.
 
-Special tokens hold ids 0..7 in SPECIAL_TOKENS order. `encode` treats their strings in user text as ordinary text
+Myna's own tokenizers hold their special tokens at ids 0..7 in SPECIAL_TOKENS order; an imported model's
+tokenizer keeps its own, named with their roles in tokenizer_format.json (`MYNA_FORMAT` has the fields). `encode` treats their strings in user text as ordinary text
 (HF's encode_special_tokens is on, and the split pattern never yields a piece that spells one), so only
 chat-template code, which appends the ids directly, can put a special token into a sequence.
 """
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +29,8 @@ import tiktoken
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from myna.io import atomic_path
+from myna.chat_format import MYNA, MYNA_JINJA, ChatFormat
+from myna.io import atomic_path, atomic_write, read_json
 
 SPECIAL_TOKENS = (
     "<|bos|>",  # start of every document; also the document separator in token shards
@@ -55,6 +58,34 @@ SPLIT_PATTERN = "|".join(
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
+# A tokenizer's tokens with a role, and its chat format. Myna's own tokenizers use this one; an imported model's
+# is written beside its tokenizer.json as tokenizer_format.json (bos_token and add_bos_token are the model's own,
+# for export).
+FORMAT_FILE = "tokenizer_format.json"
+MYNA_FORMAT = {
+    "document_token": "<|bos|>",
+    "end_token": "<|end|>",
+    "pad_token": "<|pad|>",
+    "bos_token": "<|bos|>",
+    "add_bos_token": True,
+    "chat_format": MYNA.to_dict(),
+    "chat_template": MYNA_JINJA,
+}
+
+
+def check_format(fmt: object, specials: set[str], where: str) -> dict:
+    """A tokenizer format whose tokens are special tokens of the tokenizer; errors name `where`."""
+    if not isinstance(fmt, dict) or set(fmt) != set(MYNA_FORMAT):
+        raise ValueError(f"{where}: tokenizer format: expected the fields {sorted(MYNA_FORMAT)}")
+    for key in ("document_token", "end_token", "pad_token", "bos_token"):
+        if fmt[key] not in specials:
+            raise ValueError(f"{where}: {key} {fmt[key]!r} is not one of the tokenizer's special tokens")
+    if not isinstance(fmt["chat_template"], str) or not isinstance(fmt["add_bos_token"], bool):
+        raise ValueError(
+            f"{where}: tokenizer format: chat_template must be text and add_bos_token true/false"
+        )
+    return fmt
+
 
 def byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by HF's ByteLevel pre-tokenizer.
@@ -76,7 +107,7 @@ def byte_alphabet() -> dict[int, str]:
     return table
 
 
-def _new_hf_tokenizer() -> tokenizers.Tokenizer:
+def new_hf_tokenizer() -> tokenizers.Tokenizer:
     hf = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -95,7 +126,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path 
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size}: need at least {MIN_VOCAB_SIZE} (256 bytes + specials)")
-    hf = _new_hf_tokenizer()
+    hf = new_hf_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -115,24 +146,26 @@ MAX_TOKENIZER_BYTES = 128 << 20  # a 256k-token vocabulary with its merges is ~3
 class Tokenizer:
     """A trained tokenizer: HF for exact reference behaviour, tiktoken for fast bulk encoding."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, source: str = "<in memory>"):
+    def __init__(self, hf: tokenizers.Tokenizer, source: str = "<in memory>", fmt: dict | None = None):
         self.hf = hf
         # User text is text: never match special-token strings inside it.
         self.hf.encode_special_tokens = True
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-        added = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        missing = [s for s in SPECIAL_TOKENS if s not in added]
-        if missing:
-            raise ValueError(f"{source}: special tokens missing from the tokenizer: {missing}")
-        self.special_ids = {s: added[s] for s in SPECIAL_TOKENS}
-        self.bos_id = self.special_ids["<|bos|>"]
-        self.system_id = self.special_ids["<|system|>"]
-        self.user_id = self.special_ids["<|user|>"]
-        self.assistant_id = self.special_ids["<|assistant|>"]
-        self.eot_id = self.special_ids["<|end|>"]
-        self.tool_call_id = self.special_ids["<|tool_call|>"]
-        self.tool_result_id = self.special_ids["<|tool_result|>"]
-        self.pad_id = self.special_ids["<|pad|>"]
+        self.special_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        if fmt is None:  # one of Myna's own tokenizers
+            if missing := [s for s in SPECIAL_TOKENS if s not in self.special_ids]:
+                raise ValueError(f"{source}: special tokens missing from the tokenizer: {missing}")
+            fmt = MYNA_FORMAT
+        self.format = check_format(fmt, set(self.special_ids), source)
+        self.chat = ChatFormat.from_dict(fmt["chat_format"], source)
+        if self.chat.stop not in self.special_ids:
+            raise ValueError(f"{source}: the chat format's stop {self.chat.stop!r} is not a special token")
+        self.bos_id = self.special_ids[fmt["document_token"]]  # starts every document (and separates them)
+        self.eot_id = self.special_ids[fmt["end_token"]]  # ends a turn, so a reply
+        self.pad_id = self.special_ids[fmt["pad_token"]]
+        self._special_split = re.compile(
+            "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        )
 
         spec = json.loads(hf.to_str())
         unbyte = {c: b for b, c in byte_alphabet().items()}
@@ -159,6 +192,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
+        """tokenizer.json, with the tokenizer_format.json beside it when there is one (an imported model's)."""
         if (size := Path(path).stat().st_size) > MAX_TOKENIZER_BYTES:
             raise ValueError(
                 f"{path}: {size:,} bytes, over the {MAX_TOKENIZER_BYTES:,} a tokenizer.json may be"
@@ -167,17 +201,31 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a readable tokenizer.json: {e}") from e
-        return cls(hf, source=str(path))
+        fmt_path = Path(path).with_name(FORMAT_FILE)
+        return cls(hf, source=str(path), fmt=read_json(fmt_path) if fmt_path.is_file() else None)
 
     def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`, and beside it tokenizer_format.json unless the format is Myna's own."""
         with atomic_path(path) as tmp:
             self.hf.save(str(tmp))
+        if self.format != MYNA_FORMAT:
+            with atomic_write(Path(path).with_name(FORMAT_FILE), "w") as f:
+                json.dump(self.format, f, indent=1, ensure_ascii=False)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, with no bos/eot added and special-token strings kept as text."""
         if self.tiktoken is not None:
             return self.tiktoken.encode_ordinary(text)
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text: str) -> list[int]:
+        """Ids of template text: special-token strings in it become their ids (never use it on user text)."""
+        ids, at = [], 0
+        for m in self._special_split.finditer(text):
+            ids += self.encode(text[at : m.start()]) if m.start() > at else []
+            ids.append(self.special_ids[m.group()])
+            at = m.end()
+        return ids + (self.encode(text[at:]) if at < len(text) else [])
 
     def document(self, text: str) -> list[int]:
         """<|bos|> + the text's ids: a document as pre-training saw every one (the model's raw-text input)."""
@@ -221,7 +269,7 @@ def _is_tiktoken_equivalent(spec: dict) -> bool:
         return False
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return False
-    expected = json.loads(_new_hf_tokenizer().to_str())["pre_tokenizer"]
+    expected = json.loads(new_hf_tokenizer().to_str())["pre_tokenizer"]
     if spec.get("pre_tokenizer") != expected:
         return False
     vocab = model["vocab"]

@@ -87,7 +87,7 @@ def test_a_reply_that_opens_the_users_turn_ends_there(run_dir):
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
-        head.bias[tok.user_id] = 1e4
+        head.bias[tok.special_ids["<|user|>"]] = 1e4
     model.lm_head = head
     with Engine(model, tok, max_batch=1) as engine:
         session = ChatSession(engine, SamplingParams(max_tokens=6, temperature=0), Policy.off())

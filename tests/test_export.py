@@ -12,8 +12,9 @@ import pytest
 import torch
 from helpers import myna
 
+from myna.chat_format import MYNA_JINJA
 from myna.config import ModelConfig
-from myna.export import CHAT_TEMPLATE, export_gguf, export_hf
+from myna.export import export_gguf, export_hf
 from myna.infer.engine import Engine, SamplingParams
 from myna.model import GPT
 from myna.runs import load_model
@@ -231,7 +232,7 @@ def test_gguf_reads_back_to_the_same_tensors_and_metadata(run_dir: Path, tmp_pat
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eot_id
     assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_id
-    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert field(reader, "tokenizer.chat_template") == MYNA_JINJA
 
 
 # transformers' qwen3 GGUF loader reads no head size and takes Qwen3Config's 128 (llama.cpp reads key_length):

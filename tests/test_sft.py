@@ -97,7 +97,7 @@ def test_targets_are_assistant_output_only(base_run: Path):
     ids = np.append(x, y[-1])
     assert np.array_equal(y[y >= 0], ids[1:][y >= 0])
     first = int(np.argmax(y >= 0))
-    assert x[first] == tok.assistant_id
+    assert x[first] == tok.special_ids["<|assistant|>"]
     assert tok.decode(x[: first + 1].tolist()).count("my bag is lost") == 1  # context, not target
 
 
@@ -115,7 +115,7 @@ def test_truncation_keeps_newest_turns_and_the_system_prompt(base_run: Path):
     assert text.endswith("turn number 9, ok?")  # the target <|end|> is y's last token
     assert y[-1] == tok.eot_id
     last = render(turns[-1:], tok)
-    ids, learn, status = fit_turns(last.ids, last.targets, tok, 8)
+    ids, learn, status = fit_turns(last, 8)
     assert status == "cut" and ids == last.ids[:8] and learn == last.targets[:8]
 
 

@@ -70,7 +70,13 @@ def test_special_tokens_have_fixed_ids(tok: Tokenizer, tiny: Tokenizer):
     for t in (tok, tiny):
         assert t.special_ids == {s: i for i, s in enumerate(SPECIAL_TOKENS)}
         assert (t.bos_id, t.eot_id, t.pad_id) == (0, 4, 7)
-        assert (t.system_id, t.user_id, t.assistant_id, t.tool_call_id, t.tool_result_id) == (1, 2, 3, 5, 6)
+        assert (
+            t.special_ids["<|system|>"],
+            t.special_ids["<|user|>"],
+            t.special_ids["<|assistant|>"],
+            t.special_ids["<|tool_call|>"],
+            t.special_ids["<|tool_result|>"],
+        ) == (1, 2, 3, 5, 6)
 
 
 def test_round_trip_every_line(tok: Tokenizer, tiny: Tokenizer):
@@ -143,7 +149,7 @@ def test_special_strings_in_text_stay_text(tok: Tokenizer, tiny: Tokenizer):
 
 
 def test_decode_shows_specials_and_decode_bytes_skips_them(tok: Tokenizer):
-    ids = [tok.bos_id, tok.user_id, *tok.encode("hello"), tok.eot_id]
+    ids = [tok.bos_id, tok.special_ids["<|user|>"], *tok.encode("hello"), tok.eot_id]
     assert tok.decode(ids) == "<|bos|><|user|>hello<|end|>"
     assert tok.decode_bytes(ids) == b"hello"
     assert sum(len(b) for b in tok.token_bytes[: len(SPECIAL_TOKENS)]) == 0

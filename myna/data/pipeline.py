@@ -47,7 +47,7 @@ from myna.data.shards import ShardWriter
 from myna.data.threads import ThreadConfig
 from myna.io import atomic_dir, atomic_path, atomic_write, remove_stale_temps
 from myna.progress import Progress, log
-from myna.tokenizer import Tokenizer, train_tokenizer
+from myna.tokenizer import FORMAT_FILE, Tokenizer, train_tokenizer
 
 CORPUS_SCHEMA = POST_SCHEMA.append(pa.field("split", pa.string(), nullable=False))  # "train" or "val"
 PART_ROWS = 50_000  # posts per Parquet row group: the unit of work handed to a clean worker
@@ -64,6 +64,9 @@ class PrepareConfig:
     seed: int = 1337
     vocab_size: int = 8192  # BPE vocabulary size
     tokenizer_max_docs: int = 2_000_000  # BPE training sees at most this many train posts
+    tokenizer_from: str | None = (
+        None  # use this run's tokenizer (e.g. an imported model's) instead of training one
+    )
     workers: int = max(1, min(os.cpu_count() or 1, 8))  # worker processes: all cores, at most 8
     force: bool = False  # rerun stages even when their stamps say they are up to date
     strict: bool = False  # stop at the first input file that cannot be read or holds no post format
@@ -487,13 +490,31 @@ def _texts(corpus: Path, split: str, limit: int | None = None) -> Iterator[str]:
 
 
 def build_tokenizer(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """corpus.parquet (train split) -> tokenizer.json."""
+    """corpus.parquet (train split) -> tokenizer.json; or the tokenizer of the run `cfg.tokenizer_from`."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
     src = out / "corpus.parquet"
+    if cfg.tokenizer_from is not None:
+        given = Path(cfg.tokenizer_from)
+        given = given / "tokenizer.json" if given.is_dir() else given
+        if not given.is_file():
+            raise FileNotFoundError(
+                f"{given}: no tokenizer to use (--tokenizer-from takes a run or a tokenizer.json)"
+            )
+        inputs = [given, *[p for p in [given.with_name(FORMAT_FILE)] if p.is_file()]]
+
+        def copy() -> dict:
+            log(f"tokenizer: {given}'s, as it is")
+            tok = Tokenizer.from_file(given)
+            (out / FORMAT_FILE).unlink(missing_ok=True)
+            tok.save(out / "tokenizer.json")
+            return {"vocab_size": tok.vocab_size, "from": str(given)}
+
+        return _run_stage("tokenizer", out, inputs, ["tokenizer.json"], {"from": str(given)}, cfg.force, copy)
 
     def run() -> dict:
         log(f"tokenizer: training byte-level BPE, vocab {cfg.vocab_size:,}")
+        (out / FORMAT_FILE).unlink(missing_ok=True)  # one of Myna's own: no imported format beside it
         tok = train_tokenizer(
             _texts(src, "train", cfg.tokenizer_max_docs), cfg.vocab_size, out / "tokenizer.json"
         )

@@ -232,6 +232,21 @@ def save(
 # Reading: check everything against the model first, then load
 
 
+def save_weights(run_dir: str | Path, step: int, model: nn.Module, state: dict) -> Path:
+    """A checkpoint of the model alone (an imported model has no optimizer state): what `load` reads without an
+    optimizer, and what `pretrain --init`, `sft` and `dpo` start from."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    tmp.mkdir(parents=True)
+    aliases = _ties(model)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    _save_safetensors(weights, tmp / "model.safetensors", {"aliases": json.dumps(aliases)})
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}), encoding="utf-8")
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    return final
+
+
 def read_state(path: str | Path) -> dict:
     """state.json of a checkpoint folder: a JSON object with a non-negative integer step."""
     file = Path(path) / "state.json"

@@ -43,7 +43,7 @@ from torch import nn
 from myna.data.loader import epoch_order
 from myna.data.schema import Reject
 from myna.runs import load_model, start_run
-from myna.template import check_messages, render, render_prompt
+from myna.template import check_messages, render, render_prompt, reply_opener
 from myna.tokenizer import Tokenizer
 from myna.train import distributed, tuning
 from myna.train.distributed import Dist
@@ -91,12 +91,12 @@ def parse_pair(rec: dict) -> dict:
 
 def encode_pair(pair: dict, tok: Tokenizer, seq_len: int) -> tuple[list, dict]:
     """[(x, y) chosen, (x, y) rejected] with y = -1 outside the reply, and which truncations happened."""
-    prompt_len = len(render(pair["prompt"], tok).ids) + 1  # + the <|assistant|> that opens the reply
+    prompt_len = len(render(pair["prompt"], tok).ids) + len(reply_opener(tok))  # + the reply's opener
     limit = seq_len + 1
     replies, flags = [], {"reply_cut": False, "prompt_shortened": False}
     for key in ("chosen", "rejected"):
         full = render([*pair["prompt"], {"role": "assistant", "content": pair[key]}], tok)
-        reply = full.ids[prompt_len:]  # text + <|end|>, tokenised as in SFT
+        reply = full.ids[prompt_len:]  # text + closer, tokenised as in SFT
         if len(reply) > limit // 2:
             reply, flags["reply_cut"] = reply[: limit // 2], True
         replies.append(reply)

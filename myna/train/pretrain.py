@@ -13,9 +13,9 @@ import torch
 from myna.config import ModelConfig, TrainConfig
 from myna.config import preset as get_preset
 from myna.data.loader import TokenLoader
-from myna.runs import build_model, start_run
+from myna.runs import build_model, model_config, read_config, resolve, start_run
 from myna.tokenizer import Tokenizer
-from myna.train import distributed
+from myna.train import checkpoint, distributed
 from myna.train.loop import train
 
 
@@ -34,10 +34,31 @@ def _apply_overrides(
     return mcfg, tcfg
 
 
+def _init_settings(
+    init: str | Path, tok: Tokenizer, data_dir: Path
+) -> tuple[Path, Path, ModelConfig, TrainConfig]:
+    """The run `init`'s directory, checkpoint, model and training settings; its tokenizer must be the data's."""
+    run_dir, ckpt = resolve(init)
+    config = read_config(run_dir)
+    mcfg = model_config(config.get("model"), f"{run_dir}/config.json: 'model'")
+    train = config.get("train")
+    if not isinstance(train, dict) or set(train) - {f.name for f in fields(TrainConfig)}:
+        raise ValueError(f"{run_dir}/config.json: 'train' is not a set of TrainConfig settings")
+    tcfg = TrainConfig(**{**train, "betas": tuple(train.get("betas", (0.9, 0.95)))})
+    own = Tokenizer.from_file(run_dir / "tokenizer.json")
+    if own.hf.to_str() != tok.hf.to_str() or own.format != tok.format:
+        raise ValueError(
+            f"{data_dir}/tokenizer.json is not {run_dir}'s tokenizer; prepare the data with it: "
+            f"myna data prepare INPUT --out {data_dir} --tokenizer-from {run_dir}"
+        )
+    return run_dir, ckpt, mcfg, tcfg
+
+
 def pretrain(
     data_dir: str | Path,  # data directory from `myna data prepare`
     out: str | Path,  # run directory: config, metrics.jsonl, checkpoints
     preset: str = "cpu",  # model size: tiny, cpu, 124m, 350m, 1b, 8b, 70b
+    init: str | None = None,  # continue a run's model (e.g. from `myna import`) instead of a fresh preset
     steps: int | None = None,  # optimizer steps (default: the preset's)
     save_every: int | None = None,  # checkpoint every N steps (default: the preset's)
     resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
@@ -62,7 +83,13 @@ def pretrain(
         if not (data_dir / "shards" / split).is_dir():
             raise FileNotFoundError(f"{data_dir}/shards/{split}: no token shards; run `myna data prepare`")
     tok = Tokenizer.from_file(tok_path)
-    mcfg, tcfg = get_preset(preset, vocab_size=tok.vocab_size)
+    if init is None:
+        mcfg, tcfg = get_preset(preset, vocab_size=tok.vocab_size)
+    else:
+        init_run, init_ckpt, mcfg, tcfg = _init_settings(init, tok, data_dir)
+        if shape := sorted(set(overrides) & ({f.name for f in fields(ModelConfig)} - {"max_seq_len"})):
+            raise ValueError(f"{shape}: the model is {init_run}'s; its shape cannot change")
+        preset = f"init:{init_run}"
     if steps is not None:
         overrides["steps"] = steps
     if save_every is not None:
@@ -73,6 +100,8 @@ def pretrain(
     try:
         torch.manual_seed(tcfg.seed)
         model = build_model(mcfg, dist.device, f"preset {preset!r}")  # refused before OUT is touched
+        if init is not None:  # a resumed run then loads its own newest checkpoint over these weights
+            checkpoint.load(init_ckpt, model)
         start_run(out, resume, mcfg, tcfg, tok_path, dist, preset=preset, data=str(data_dir))
         dist.log(
             f"model: {preset}, {model.num_params() / 1e6:.2f}M parameters; {tcfg.steps} steps of "

@@ -37,7 +37,7 @@ import torch
 from myna.data.loader import epoch_order
 from myna.model import lm_loss
 from myna.runs import load_model, start_run
-from myna.template import check_messages, render
+from myna.template import Rendered, check_messages, render
 from myna.tokenizer import Tokenizer
 from myna.train import distributed
 from myna.train.distributed import Dist
@@ -70,36 +70,35 @@ def parse_dialogue(rec: dict) -> dict:
 # Dialogues -> training examples
 
 
-def fit_turns(ids: list[int], learn: list[bool], tok: Tokenizer, limit: int) -> tuple[list, list, str]:
+def fit_turns(r: Rendered, limit: int) -> tuple[list, list, str]:
     """At most `limit` tokens of a rendered conversation: "kept", "dropped" (oldest non-system turns left out)
     or "cut" (the newest turn alone was too long and lost its end)."""
-    if len(ids) <= limit:
-        return ids, learn, "kept"
-    openers = {tok.system_id, tok.user_id, tok.assistant_id, tok.tool_result_id}
-    starts = [i for i, t in enumerate(ids) if t in openers] + [len(ids)]
-    turns = [(a, b) for a, b in zip(starts, starts[1:], strict=False)]  # role tokens open every turn
-    system = {a for a, _ in turns if ids[a] == tok.system_id}
-    room = limit - 1 - sum(b - a for a, b in turns if a in system)  # 1 for <|bos|>
+    if len(r.ids) <= limit:
+        return r.ids, r.targets, "kept"
+    system = [(a, b) for a, b, role in r.turns if role == "system"]
+    start = r.turns[0][0]  # the format's start (<|bos|>) comes before every turn
+    room = limit - start - sum(b - a for a, b in system)
     keep = set(system)
-    for a, b in reversed([t for t in turns if t[0] not in system]):
+    for a, b, role in reversed(r.turns):
+        if role == "system":
+            continue
         if b - a > room:
             break
-        keep.add(a)
+        keep.add((a, b))
         room -= b - a
     status = "dropped"
-    if keep == system:  # not even the newest turn fits: keep its beginning
-        keep.add(turns[-1][0])
+    if keep == set(system):  # not even the newest turn fits: keep its beginning
+        keep.add(r.turns[-1][:2])
         status = "cut"
-    chosen = [0] + [i for a, b in turns if a in keep for i in range(a, b)]
-    chosen = chosen[:limit]
-    return [ids[i] for i in chosen], [learn[i] for i in chosen], status
+    chosen = [*range(start), *(i for a, b, _ in r.turns if (a, b) in keep for i in range(a, b))][:limit]
+    return [r.ids[i] for i in chosen], [r.targets[i] for i in chosen], status
 
 
 def encode_dialogue(messages: list[dict], tok: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, y) of one conversation, at most seq_len long: y[i] = x's next token where it is assistant output, else
     -1; and fit_turns' status."""
     r = render(messages, tok)
-    ids, learn, status = fit_turns(r.ids, r.targets, tok, seq_len + 1)
+    ids, learn, status = fit_turns(r, seq_len + 1)
     ids_a, learn_a = np.asarray(ids, dtype=np.int64), np.asarray(learn, dtype=bool)
     return ids_a[:-1], np.where(learn_a[1:], ids_a[1:], -1), status
 
