@@ -4,6 +4,7 @@ streaming (threads and asyncio) and embeddings behave as documented."""
 
 import asyncio
 import codecs
+import copy
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from myna.config import ModelConfig
 from myna.infer.engine import Engine, SamplingBatch, SamplingParams, TextStream, _top_k_top_p, sample
-from myna.model import GPT, KVCache
+from myna.model import GPT, KVCache, apply_rope, decode_attention
 from myna.tokenizer import train_tokenizer
 
 TWEETS = Path(__file__).parent / "fixtures" / "tok" / "tweets.txt"
@@ -116,6 +117,56 @@ def test_cache_rows_at_different_lengths_decode_together_like_full_forwards(lm):
         torch.testing.assert_close(moved, model(torch.cat([seqs[1], nxt])[None])[0, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="different lengths"):
         _ = cache.pos
+
+
+def test_inference_path_ops_equal_the_training_ops(lm):
+    """Attention.cached's RoPE and joint QK-norm are the training path's to the bit; decode_attention is SDPA's
+    attention (to rounding) for one query per row, with grouped-query heads and a per-row mask."""
+    model, _ = lm
+    torch.manual_seed(2)
+    pos = torch.tensor([[3], [40]])
+    x = torch.randn(2, 1, 6, model.cfg.head_dim)
+    cos, sin = model.rope_rows(pos)
+    d = model.cfg.head_dim // 2
+    fast = x * cos + x.roll(d, -1) * sin
+    assert torch.equal(fast, apply_rope(x, model.rope_cos[pos], model.rope_sin[pos]))
+    attn = model.blocks[0].attn
+    w = torch.cat([attn.q_norm.weight.expand(4, -1), attn.k_norm.weight.expand(2, -1)])
+    joint = torch.nn.functional.rms_norm(x, (x.size(-1),), None, attn.q_norm.eps) * w
+    with torch.no_grad():
+        assert torch.equal(joint, torch.cat([attn.q_norm(x[:, :, :4]), attn.k_norm(x[:, :, 4:])], 2))
+
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    mask = (torch.arange(9) < torch.tensor([9, 4, 1])[:, None])[:, None, None]  # [B, 1, 1, L]
+    for m in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(decode_attention(q, k, v, m), want, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_path_follows_weights_that_change_or_layers_that_are_replaced(lm):
+    """The packed weight copy of the inference path is remade after an optimizer step or a swapped layer (a
+    biased lm_head runs as itself), and a deepcopy of a model that has decoded decodes alike."""
+    model = copy.deepcopy(lm[0])
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def cached_equals_full():
+        with torch.inference_mode():
+            cached = model(ids, kv_cache=KVCache(model.cfg, 2, 16))
+            torch.testing.assert_close(cached, model(ids), atol=1e-5, rtol=0)
+
+    cached_equals_full()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids, ids)[1].backward()
+    opt.step()
+    cached_equals_full()
+    head = torch.nn.Linear(model.cfg.n_embd, model.cfg.vocab_size)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.fill_(3.0)
+    model.lm_head = head
+    cached_equals_full()
+    model = copy.deepcopy(model)
+    cached_equals_full()
 
 
 # --- greedy equivalence ---------------------------------------------------------------------------------------
