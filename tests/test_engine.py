@@ -217,6 +217,23 @@ def test_requests_join_and_leave_mid_decode_with_more_requests_than_rows(lm, mon
     assert all(g.finish_reason in ("stop", "length") for g in got)
 
 
+def test_greedy_fast_path_gives_the_tokens_of_sample_and_penalties_after_it_still_apply(lm):
+    """Batches of plain greedy requests take argmax without building a SamplingBatch; the same requests beside a
+    penalised one go through sample(): the tokens agree. A penalised request admitted after greedy ones (whose
+    rows skip the seen bookkeeping) samples as it does alone."""
+    model, tok = lm
+    prompts = [prompt(tok, p) for p in PROMPTS[:3]]
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.8, max_tokens=30)
+    with Engine(model, tok, max_batch=4) as engine:
+        fast = [engine.generate(p, GREEDY).token_ids for p in prompts]
+        alone = engine.generate(prompts[0], penalised).token_ids
+        requests = [engine.submit(p, GREEDY) for p in prompts] + [engine.submit(prompts[0], penalised)]
+        beside = [r.result(timeout=60).token_ids for r in requests]
+    assert fast == [reference(model, tok, p, 40) for p in prompts]
+    assert beside == [*fast, alone]
+    assert alone != fast[0][:30]  # the penalty changed the greedy reply, so the comparison means something
+
+
 # --- sampling -------------------------------------------------------------------------------------------------
 
 

@@ -577,7 +577,8 @@ class Engine:
         first = len(self.active)
         self.seen[first : first + len(seqs)] = False
         for row, s in enumerate(seqs, start=first):
-            self.seen[row, torch.tensor(s.ids, device=self.device)] = True
+            if s.request.params.repetition_penalty != 1:  # the only reader of seen
+                self.seen[row, torch.tensor(s.ids, device=self.device)] = True
         if not self.use_cache:
             return self._full_forward(seqs)
         idx, lengths = self._pad([s.ids for s in seqs])
@@ -616,13 +617,19 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, first_row: int) -> None:
         """Sample a token for rows [first_row, first_row + len(logits)), stream it, free finished rows."""
         seqs = self.active[first_row : first_row + logits.size(0)]
-        uniform = [
-            float(torch.rand((), generator=s.generator)) if s.generator is not None else 0.0 for s in seqs
-        ]
-        batch = SamplingBatch.build([s.request.params for s in seqs], uniform, self.vocab, self.device)
-        rows = slice(first_row, first_row + len(seqs))
-        tokens = sample(logits, batch, self.seen[rows])
-        self.seen[rows].scatter_(1, tokens[:, None], True)
+        params = [s.request.params for s in seqs]
+        if all(p.temperature == 0 and p.repetition_penalty == 1 for p in params):
+            # greedy without penalties: the token sample() would give, without building its batch; seen is read
+            # by penalties only, and a request keeps its settings (a new one resets its row in _prefill)
+            tokens = logits.argmax(-1)
+        else:
+            uniform = [
+                float(torch.rand((), generator=s.generator)) if s.generator is not None else 0.0 for s in seqs
+            ]
+            batch = SamplingBatch.build(params, uniform, self.vocab, self.device)
+            rows = slice(first_row, first_row + len(seqs))
+            tokens = sample(logits, batch, self.seen[rows])
+            self.seen[rows].scatter_(1, tokens[:, None], True)
         now = time.perf_counter()
         finished = []
         for row, (s, token) in enumerate(zip(seqs, tokens.tolist(), strict=True), start=first_row):
