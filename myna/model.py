@@ -224,9 +224,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """forward for inference, with the cache: the same math in fewer operations, which is what a decode step
         of a few rows costs. One matmul gives q|k|v; QK-norm and RoPE treat the q and k heads as one tensor; cos
-        and sin come whole-width from `rope_rows` (so RoPE is bitwise apply_rope's); and one new token per row
-        attends through `decode_attention`. Without a mask: causal over the new tokens, or (one new token per row)
-        every cached key.
+        and sin come whole-width from `rope_rows` (so RoPE is bitwise apply_rope's). Without a mask: causal over
+        the new tokens, or (one new token per row) every cached key.
         """
         B, T, _ = x.shape
         H, D = self.n_head, self.head_dim
@@ -242,30 +241,10 @@ class Attention(nn.Module):
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, D]
         k, v = kv_cache.update(self.layer_idx, k, v.transpose(1, 2))
         k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be held in another dtype than autocast's
-        if T == 1:
-            y = decode_attention(q, k, v, mask)
-        else:
-            causal = mask is None
-            gqa = self.n_kv_head != self.n_head
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        causal = mask is None and T > 1
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.packed_o(y.transpose(1, 2).reshape(B, T, H * D), self.o)
-
-
-def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Attention of one new token per row, q [B, H, 1, D], over the cached k, v [B, n_kv_head, L, D].
-
-    Two batched matmuls and a softmax: at one query per head, SDPA's CPU kernel spends most of its time on set-up.
-    The query heads that share a KV head are the rows of one matmul, so grouped-query needs no repeated keys.
-    mask [B, 1, 1, L] marks the keys each row may see (None: all of them).
-    """
-    B, H, _, D = q.shape
-    groups = q.reshape(B, k.size(1), H // k.size(1), D)  # [B, n_kv_head, queries per KV head, D]
-    scores = (groups @ k.transpose(-2, -1)) * D**-0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
