@@ -18,7 +18,9 @@ the model goes through `myna export hf` and transformers loads it in fp32 (eval,
 greedily exactly --max-tokens tokens (the engine fails the run if <|end|> cuts a stream short; `generate` gets
 min_new_tokens = max_new_tokens), on the same number of torch threads. N streams are N concurrent requests to
 the engine and one batched `generate` call of the same N prompts (equal lengths, so neither side pads); a
-streamer timestamps `generate`'s tokens, and the tokens/s and TTFT definitions above hold for both.
+streamer timestamps `generate`'s tokens, and the tokens/s and TTFT definitions above hold for both. With
+--profile it then runs each side once more under torch.profiler (every thread, so the engine's scheduler too) and
+reports where a decode step's time goes: the weight matmuls, attention, and everything else.
 """
 
 import argparse
@@ -179,6 +181,58 @@ def measure_vs_transformers(model, tok, hf, counts: list[int], args) -> dict:
     return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
 
 
+MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the weight matmuls of either side
+ATTENTION = (
+    "aten::bmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
+
+
+def profile_vs_transformers(model, tok, hf, counts: list[int], args) -> dict:
+    """Per (streams, side): ms per decode step in weight matmuls and in attention (the profiler's self CPU time
+    over one run, prefill included, divided by --max-tokens). Big kernels time true under the profiler; its
+    overhead lands on the many small operations, which is why the step itself comes from the unprofiled runs."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    from myna.infer.engine import Engine
+
+    out = {}
+    for n in counts:
+        batch = prompts(tok, n, args.prompt_tokens)
+        with Engine(model, tok, max_batch=n) as engine:
+            run_once(engine, batch, 8, temperature=0)  # warm-up
+            for side in ("myna", "transformers"):
+                config = _ExperimentalConfig(profile_all_threads=True)  # the engine decodes in its own thread
+                with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
+                    if side == "myna":
+                        run_once(engine, batch, args.max_tokens, temperature=0)
+                    else:
+                        hf_run_once(hf, batch, args.max_tokens)
+                self_ms = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+                out[(n, side)] = {
+                    part: sum(self_ms.get(name, 0.0) for name in names) / args.max_tokens
+                    for part, names in (("matmul_ms", MATMULS), ("attention_ms", ATTENTION))
+                }
+    return out
+
+
+def profile_table(results: dict, shares: dict, counts: list[int], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("streams", "engine", "ms per step", "weight matmuls", "attention", "the rest"):
+        table.add_column(col, justify="right")
+    for n in counts:
+        for side in ("myna", "transformers"):
+            step = 1000 * n / results[(n, side)]["decode_tps"]
+            mm, attn = shares[(n, side)]["matmul_ms"], shares[(n, side)]["attention_ms"]
+            cells = [f"{ms:.2f} ({ms / step:.0%})" for ms in (mm, attn, max(0.0, step - mm - attn))]
+            table.add_row(str(n), side, f"{step:.2f}", *cells)
+    return table
+
+
 def vs_transformers_table(results: dict, counts: list[int], title: str):
     from rich.table import Table
 
@@ -247,9 +301,14 @@ def main() -> None:
         action="store_true",
         help="greedy decode beside transformers' generate on the same weights (CPU)",
     )
+    ap.add_argument(
+        "--profile", action="store_true", help="with --vs-transformers: where each side's decode step goes"
+    )
     args = ap.parse_args()
     if args.vs_transformers and args.device != "cpu":
         ap.error("--vs-transformers runs on CPU only")
+    if args.profile and not args.vs_transformers:
+        ap.error("--profile goes with --vs-transformers")
 
     import torch
 
@@ -273,8 +332,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf = as_transformers(model, tok, args.ckpt, Path(tmp))
             results = measure_vs_transformers(model, tok, hf, counts, args)
+            shares = profile_vs_transformers(model, tok, hf, counts, args) if args.profile else None
         title = f"greedy decode on {device}, Myna's engine vs transformers' generate: {what}; {shape}"
         table = vs_transformers_table(results, counts, title)
+        if shares:
+            Console(width=120).print(table)
+            table = profile_table(
+                results, shares, counts, "decode step, ms (share): torch.profiler, one run each"
+            )
     else:
         results = measure(model, tok, counts, args)
         table = cache_table(results, counts, f"decode on {device}: {what}; {shape}")
