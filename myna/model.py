@@ -255,10 +255,13 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
-        self.packed_gate_up, self.packed_down = PackedLinear(), PackedLinear()  # the inference path's
+        self.packed_gate_up, self.packed_down = (
+            PackedLinear(),
+            PackedLinear(),
+        )  # for inference (with a KV cache)
 
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        if not decoding:
+    def forward(self, x: torch.Tensor, inference: bool = False) -> torch.Tensor:
+        if not inference:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         gate, up = self.packed_gate_up(x, self.gate, self.up).chunk(2, dim=-1)
         return self.packed_down(F.silu(gate) * up, self.down)
@@ -283,7 +286,7 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
-        return x + self.mlp(self.mlp_norm(x), decoding=kv_cache is not None)
+        return x + self.mlp(self.mlp_norm(x), inference=kv_cache is not None)
 
 
 class GPT(nn.Module):
