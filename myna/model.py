@@ -92,7 +92,10 @@ class PackedLinear:
             return None
         with torch.no_grad():
             stacked = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else w.detach()
-            return torch.ops.mkldnn._reorder_linear_weight(stacked, 8)  # 8: a decode batch's rows
+            try:
+                return torch.ops.mkldnn._reorder_linear_weight(stacked, 8)  # 8: a decode batch's rows
+            except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops: the plain layers
+                return None
 
     def __getstate__(self) -> dict:
         return {"_key": None, "_packed": None}  # a deepcopy (DPO's reference model) or pickle starts afresh
