@@ -208,8 +208,11 @@ class Tokenizer:
         """tokenizer.json at `path`, and beside it tokenizer_format.json unless the format is Myna's own."""
         with atomic_path(path) as tmp:
             self.hf.save(str(tmp))
-        if self.format != MYNA_FORMAT:
-            with atomic_write(Path(path).with_name(FORMAT_FILE), "w") as f:
+        fmt_path = Path(path).with_name(FORMAT_FILE)
+        if self.format == MYNA_FORMAT:
+            fmt_path.unlink(missing_ok=True)  # an imported model's, left from an earlier save here
+        else:
+            with atomic_write(fmt_path, "w") as f:
                 json.dump(self.format, f, indent=1, ensure_ascii=False)
 
     def encode(self, text: str) -> list[int]:

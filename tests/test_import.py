@@ -202,11 +202,12 @@ def test_pretrain_init_continues_on_posts_with_the_imported_tokenizer(imported: 
     assert record["step"] == 4 and record["val_loss"] < 9
     cpt = load_model(tmp_path / "cpt")
     assert cpt.tokenizer.chat == load_model(imported).tokenizer.chat
-    # data tokenized with another tokenizer is refused, naming the fix
-    other = tmp_path / "other"
-    prepare([src], other, PrepareConfig(workers=1, vocab_size=300))
+    # data tokenized with another tokenizer (a Myna one trained here, which leaves no format file behind) is
+    # refused, naming the fix
+    prepare([src], data, PrepareConfig(workers=1, vocab_size=300))
+    assert not (data / "tokenizer_format.json").exists()
     with pytest.raises(ValueError, match="--tokenizer-from"):
-        pretrain(other, tmp_path / "bad", init=str(imported), steps=1)
+        pretrain(data, tmp_path / "bad", init=str(imported), steps=1)
     assert not (tmp_path / "bad").exists()
 
 

@@ -506,7 +506,6 @@ def build_tokenizer(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
         def copy() -> dict:
             log(f"tokenizer: {given}'s, as it is")
             tok = Tokenizer.from_file(given)
-            (out / FORMAT_FILE).unlink(missing_ok=True)
             tok.save(out / "tokenizer.json")
             return {"vocab_size": tok.vocab_size, "from": str(given)}
 
@@ -514,7 +513,6 @@ def build_tokenizer(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 
     def run() -> dict:
         log(f"tokenizer: training byte-level BPE, vocab {cfg.vocab_size:,}")
-        (out / FORMAT_FILE).unlink(missing_ok=True)  # one of Myna's own: no imported format beside it
         tok = train_tokenizer(
             _texts(src, "train", cfg.tokenizer_max_docs), cfg.vocab_size, out / "tokenizer.json"
         )
