@@ -283,7 +283,8 @@ def speedrun_smollm2(args: argparse.Namespace, sample: Path, out: Path, t0: floa
         f"chat model (SFT): step {last['step']}, held-out assistant loss {last.get('val_loss', float('nan')):.4f}"
     )
     print_chat_samples(out / "sft")
-    evaluate_run(out / "sft", tweeteval_mode="none", **given(args, EvalConfig))
+    quick = {"chat_prompts": 50, "val_tokens": SMOLLM2_EVAL_TOKENS}  # minutes, not the default's half hour
+    evaluate_run(out / "sft", tweeteval_mode="none", **{**quick, **given(args, EvalConfig)})
     log(f"report card: {write_report(out / 'sft')}")
     log(f"[green]speedrun finished in {time.perf_counter() - t0:.1f} s; artifacts in {out}")
     if not args.no_serve:
