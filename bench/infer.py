@@ -20,7 +20,9 @@ min_new_tokens = max_new_tokens), on the same number of torch threads. N streams
 the engine and one batched `generate` call of the same N prompts (equal lengths, so neither side pads); a
 streamer timestamps `generate`'s tokens, and the tokens/s and TTFT definitions above hold for both. With
 --profile it then runs each side once more under torch.profiler (every thread, so the engine's scheduler too) and
-reports where a decode step's time goes: the weight matmuls, attention, and everything else.
+reports where a decode step's time goes: the weight matmuls, attention, and everything else. With --compile a
+third side, "myna compiled" (Engine(compile=True): the decode step through torch.compile), takes its turn too;
+its warm-up, which compiles, is timed apart and printed as the compile time.
 """
 
 import argparse
@@ -161,24 +163,38 @@ def measure_vs_transformers(model, tok, hf, counts: list[int], args) -> dict:
     """Median results per (streams, "myna" | "transformers"), the two taking turns within each run."""
     from myna.infer.engine import Engine, SamplingParams
 
-    engines = {n: Engine(model, tok, max_batch=n).start() for n in counts}
+    mine = ("myna", "myna compiled") if args.compile else ("myna",)
+    engines = {
+        (n, side): Engine(model, tok, max_batch=n, compile=side == "myna compiled").start()
+        for n in counts
+        for side in mine
+    }
     batches = {n: prompts(tok, n, args.prompt_tokens) for n in counts}
-    runs = {(n, side): [] for n in counts for side in ("myna", "transformers")}
+    runs = {(n, side): [] for n in counts for side in (*mine, "transformers")}
+    compile_s = {}
     try:
         for n in counts:  # warm-up: allocator, kernels
-            engines[n].generate(batches[n][0], SamplingParams(max_tokens=8, temperature=0))
+            engines[(n, "myna")].generate(batches[n][0], SamplingParams(max_tokens=8, temperature=0))
+            if args.compile:  # all n streams at once: the decode step compiles at this batch size
+                start = time.perf_counter()
+                run_once(engines[(n, "myna compiled")], batches[n], 8, temperature=0)
+                compile_s[n] = time.perf_counter() - start
             hf_run_once(hf, batches[n], 8)
         for _ in range(args.runs):
             for n in counts:
-                mine = run_once(engines[n], batches[n], args.max_tokens, temperature=0)
-                if mine["tokens"] != n * args.max_tokens:
-                    raise RuntimeError("greedy decoding reached <|end|>: try another --prompt-tokens")
-                runs[(n, "myna")].append(mine)
+                for side in mine:
+                    r = run_once(engines[(n, side)], batches[n], args.max_tokens, temperature=0)
+                    if r["tokens"] != n * args.max_tokens:
+                        raise RuntimeError("greedy decoding reached <|end|>: try another --prompt-tokens")
+                    runs[(n, side)].append(r)
                 runs[(n, "transformers")].append(hf_run_once(hf, batches[n], args.max_tokens))
     finally:
         for engine in engines.values():
             engine.close()
-    return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
+    results = {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
+    for n, seconds in compile_s.items():
+        results[(n, "myna compiled")]["warm_up_s"] = seconds
+    return results
 
 
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the weight matmuls of either side
@@ -241,7 +257,9 @@ def vs_transformers_table(results: dict, counts: list[int], title: str):
         table.add_column(col, justify="right")
     for n in counts:
         theirs = results[(n, "transformers")]
-        for side in ("myna", "transformers"):
+        for side in ("myna", "myna compiled", "transformers"):
+            if (n, side) not in results:
+                continue
             r = results[(n, side)]
             table.add_row(
                 str(n),
@@ -304,11 +322,18 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="with --vs-transformers: where each side's decode step goes"
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --vs-transformers: Myna's engine with compile=True (torch.compile) as a third side too",
+    )
     args = ap.parse_args()
     if args.vs_transformers and args.device != "cpu":
         ap.error("--vs-transformers runs on CPU only")
     if args.profile and not args.vs_transformers:
         ap.error("--profile goes with --vs-transformers")
+    if args.compile and not args.vs_transformers:
+        ap.error("--compile goes with --vs-transformers")
 
     import torch
 
@@ -335,6 +360,10 @@ def main() -> None:
             shares = profile_vs_transformers(model, tok, hf, counts, args) if args.profile else None
         title = f"greedy decode on {device}, Myna's engine vs transformers' generate: {what}; {shape}"
         table = vs_transformers_table(results, counts, title)
+        for n in counts if args.compile else ():
+            print(
+                f"{n} stream(s): compiled engine's warm-up (compiles) {results[(n, 'myna compiled')]['warm_up_s']:.1f} s"
+            )
         if shares:
             Console(width=120).print(table)
             table = profile_table(

@@ -67,6 +67,9 @@ class PackedLinear:
         self._packed = None  # the stacked weight in oneDNN's layout, or None where it does not apply
 
     def __call__(self, x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # GPT.decode under torch.compile: inductor's freezing packs weights
+            w = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+            return F.linear(x, w)
         key = tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
         if key != self._key:
             self._packed = self._pack(linears)
@@ -176,6 +179,20 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.lengths += T
         self._write = None
+
+
+class _DecodeWrite:
+    """KVCache.update for GPT.decode: writes one new key/value per row at pos, returns keys/values [0, end)."""
+
+    def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor], pos: torch.Tensor, end: int):
+        self.ks, self.vs, self.pos, self.end = ks, vs, pos, end
+        self.rows = torch.arange(pos.size(0), device=pos.device)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache_k, cache_v = self.ks[layer], self.vs[layer]
+        cache_k[self.rows, :, self.pos] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[self.rows, :, self.pos] = v.transpose(1, 2).to(cache_v.dtype)
+        return cache_k[:, :, : self.end], cache_v[:, :, : self.end]
 
 
 class Attention(nn.Module):
@@ -345,6 +362,27 @@ class GPT(nn.Module):
         """
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         return torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]
+
+    def decode(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+        ks: list[torch.Tensor],
+        vs: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One new token per row, tensors only, for torch.compile (the engine's `compile=True`): logits [B, 1, V].
+
+        idx and pos [B, 1] are each row's token and its position; mask [B, 1, 1, end] lets each row see its keys
+        0..pos; ks and vs are each layer's cache rows [B, n_kv_head, max_len, head_dim], written at pos. The same
+        math as forward with a KVCache (Attention.cached), always through the mask, so no shape depends on data.
+        """
+        writer = _DecodeWrite(ks, vs, pos, mask.size(-1))
+        cos, sin = self.rope_rows(pos)
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, writer, mask)
+        return self.packed_head(self.norm(x), self.lm_head)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters (a tied lm_head counted once); exclude_embeddings drops the token-embedding table."""

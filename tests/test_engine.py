@@ -189,6 +189,22 @@ def test_greedy_batch_of_different_prompt_lengths_equals_full_forward(lm):
         assert got == want, use_cache
 
 
+@pytest.mark.slow  # compiles two graphs (a batch of 1, and any other batch size): ~20 s on 2 CPU cores
+def test_compiled_decode_gives_the_greedy_tokens_of_the_eager_engine(lm):
+    model, tok = lm
+    prompts = [prompt(tok, p) for p in PROMPTS]
+    # 1 stream; then 3 streams of different lengths over 2 rows, so the batch shrinks, grows and rows move
+    for rows, batch in ((1, prompts[1:2]), (2, [prompts[0], prompts[3], prompts[5]])):
+        got = {}
+        for compiled in (False, True):
+            with Engine(model, tok, max_batch=rows, compile=compiled) as engine:
+                requests = [engine.submit(p, GREEDY) for p in batch]
+                got[compiled] = [r.result(timeout=300).token_ids for r in requests]
+        assert got[True] == got[False], rows
+    with pytest.raises(ValueError, match="use_cache"):
+        Engine(model, tok, use_cache=False, compile=True)
+
+
 def test_requests_join_and_leave_mid_decode_with_more_requests_than_rows(lm, monkeypatch):
     model, tok = lm
     prompts = [prompt(tok, p) for p in PROMPTS]

@@ -361,6 +361,7 @@ class Engine:
         max_batch: int = 8,
         max_len: int | None = None,
         use_cache: bool = True,
+        compile: bool = False,
     ):
         cfg = model.cfg
         self.max_len = cfg.max_seq_len if max_len is None else max_len
@@ -372,6 +373,18 @@ class Engine:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.use_cache = max_batch, use_cache
+        # compile=True: decode steps run GPT.decode through torch.compile (inductor), which fuses the small
+        # operations around the matmuls. Dynamic shapes: one graph for every batch size and cache length (a batch
+        # of 1 gets its own), compiled at the first decode step of each. Freezing makes the weights constants
+        # that inductor prepacks, so the compiled engine keeps the weights it first decoded with.
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
+        # (freezing passed in torch.compile's options= measured no faster: the config is patched around each call)
+        self._compiled = torch.compile(model.decode, dynamic=True) if compile else None
+        if compile:
+            import torch._inductor.config as inductor_config
+
+            self._freezing = lambda: inductor_config.patch(freezing=True)
         param = next(model.parameters())
         self.device = param.device
         # bf16 autocast on CUDA; CPU runs in the model's dtype (bf16 matmuls are slow on most CPUs)
@@ -605,7 +618,18 @@ class Engine:
         if not self.use_cache:
             return self._full_forward(self.active)
         idx = torch.tensor([[s.ids[-1]] for s in self.active], device=self.device)
-        logits = self.model(idx, kv_cache=self.cache.rows(0, len(self.active)))
+        view = self.cache.rows(0, len(self.active))
+        if self._compiled is None:
+            logits = self.model(idx, kv_cache=view)
+        else:
+            pos, mask = view.begin(1, self.device)
+            if mask is None:  # rows of equal length: every cached key, through a mask all the same
+                mask = torch.ones(
+                    idx.size(0), 1, 1, int(view.lengths[0]) + 1, dtype=torch.bool, device=self.device
+                )
+            with self._freezing():
+                logits = self._compiled(idx, pos, mask, view.k, view.v)
+            view.advance(1)
         return logits[:, -1, : self.vocab].float()
 
     def _full_forward(self, seqs: list[_Sequence]) -> torch.Tensor:
