@@ -343,7 +343,7 @@ def _log_chat(c: dict, stage: str) -> None:
     rate = c["compliance"]["rate"]
     log(
         f"chat ({stage}): held-out loss {c['held_out_loss']}, "
-        f"closed with <|end|>: {c['compliance']['closed_with_end']}/{c['compliance']['prompts']}"
+        f"closed with the end-of-turn token: {c['compliance']['closed_with_end']}/{c['compliance']['prompts']}"
         + (f" ({100 * rate:.0f}%)" if rate is not None else "")
     )
 
