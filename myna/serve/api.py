@@ -134,7 +134,9 @@ class Server:
                 self.on_load(loaded)
             # by default every admitted request decodes in the same batch
             max_batch = self.config.max_batch or self.config.max_concurrency
-            self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch).start()
+            self.engine = Engine(
+                loaded.model, loaded.tokenizer, max_batch=max_batch, compile=self.config.compile
+            ).start()
             self.loaded = loaded
             self.status = "ready"
             log(

@@ -20,6 +20,7 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds for a request's headers to arrive, or the connection is closed
     policy: Policy | None = None  # moderation: a JSON/TOML file, 'default' or 'off'; None: Policy.default()
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1 ...
+    compile: bool = False  # torch.compile the decode step: a warm-up of seconds, then faster tokens (README)
     log_level: str = "info"  # uvicorn's
 
     def __post_init__(self) -> None:
