@@ -189,7 +189,7 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     sample = Path(args.sample)
     if not sample.is_dir():
         sys.exit(f"sample data not found at {sample}: pass --sample DIR (the repository's data/sample)")
-    out = Path(args.out)
+    out = Path(args.out or ("runs/speedrun" if args.start == "scratch" else f"runs/speedrun-{args.start}"))
     t0 = time.perf_counter()
     log(f"[bold]speedrun[/bold] on {sample} -> {out}")
     if args.start == "smollm2":
@@ -483,7 +483,9 @@ def data_parser(sp: argparse.ArgumentParser) -> None:
 def speedrun_parser(sp: argparse.ArgumentParser) -> None:
     from myna.train.pretrain import pretrain
 
-    sp.add_argument("--out", default="runs/speedrun", help="run directory (default %(default)s)")
+    sp.add_argument(
+        "--out", help="where the runs go (default runs/speedrun, or runs/speedrun-smollm2 with --from smollm2)"
+    )
     sp.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
     sp.add_argument(
         "--from",
