@@ -484,7 +484,8 @@ def speedrun_parser(sp: argparse.ArgumentParser) -> None:
     from myna.train.pretrain import pretrain
 
     sp.add_argument(
-        "--out", help="where the runs go (default runs/speedrun, or runs/speedrun-smollm2 with --from smollm2)"
+        "--out",
+        help="where the runs go (default runs/speedrun, or runs/speedrun-smollm2 with --from smollm2)",
     )
     sp.add_argument("--sample", default=str(SAMPLE_DIR), help="sample data folder (default: the bundled one)")
     sp.add_argument(
