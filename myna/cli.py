@@ -655,6 +655,68 @@ def import_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_import)
 
 
+def cmd_index(args: argparse.Namespace) -> None:
+    from myna.search import index
+
+    if args.action == "build":
+        if not args.data or not args.out:
+            sys.exit("myna index build: error: --data and --out are required")
+        index.build(args.data, args.out, args.ckpt)
+    else:
+        if not args.inputs:
+            sys.exit("myna index add: error: give the index, then one or more files of posts")
+        index.add(args.inputs[0], args.inputs[1:], args.ckpt)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from myna.search.index import SearchIndex, load_embedder
+    from myna.search.rank import search
+    from myna.search.show import print_results
+
+    idx = SearchIndex.open(args.index)
+    embedder = None if args.lexical else load_embedder(idx.path, idx.meta, args.ckpt)
+    results = search(idx, args.query, order=args.order, limit=args.n, embedder=embedder)
+    if args.json:
+        print(
+            json.dumps(
+                {"query": results.query, "order": results.order, "hits": [h.to_dict() for h in results.hits]}
+            )
+        )
+    else:
+        print_results(results, args.explain)
+
+
+def index_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "action", choices=["build", "add"], help="build: a new index from a prepared corpus; add: new posts"
+    )
+    sp.add_argument("inputs", nargs="*", help="add: the index, then files of posts in any format Myna reads")
+    sp.add_argument("--data", help="build: a prepared data folder (its corpus.parquet)")
+    sp.add_argument("--out", help="build: the index folder (replaced whole when the build succeeds)")
+    sp.add_argument(
+        "--ckpt", help="a run whose model embeds the posts (build: without it, the index is lexical only)"
+    )
+    sp.set_defaults(fn=cmd_index)
+
+
+def search_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "query",
+        help='words, "phrases", OR, -word, #tag, @user, from:, to:, since:, until:, lang:, '
+        "min_faves:, min_retweets:, min_replies:, filter:replies, filter:links",
+    )
+    sp.add_argument("--index", required=True, help="the index folder (myna index build)")
+    sp.add_argument(
+        "--order", choices=["top", "latest"], default="top", help="top: relevance; latest: newest first"
+    )
+    sp.add_argument("-n", type=int, default=10, help="results to show")
+    sp.add_argument("--explain", action="store_true", help="show each result's score parts")
+    sp.add_argument("--json", action="store_true", help="results as one JSON object on stdout")
+    sp.add_argument("--lexical", action="store_true", help="BM25 only: do not load the model")
+    sp.add_argument("--ckpt", help="the run that embeds queries (default: the one that built the index)")
+    sp.set_defaults(fn=cmd_search)
+
+
 def report_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run", help="run directory")
     sp.set_defaults(fn=cmd_report)
@@ -681,6 +743,8 @@ VERBS = {
         "an open Llama-family model (transformers folder or GGUF file) as a run every verb accepts",
         import_parser,
     ),
+    "index": ("a search index of posts: BM25 and the model's embeddings (build, add)", index_parser),
+    "search": ("search an index like Twitter: operators, Top or Latest, --explain", search_parser),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }
 

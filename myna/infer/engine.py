@@ -350,6 +350,30 @@ class _Sequence:
     ttft_s: float = 0.0
 
 
+def embed_ids(
+    model: GPT, ids_batch: list[list[int]], pad_id: int, batch_size: int = EMBED_BATCH
+) -> torch.Tensor:
+    """[N, n_embd] fp32 on the CPU: each sequence's final hidden states, mean-pooled and L2-normalised.
+
+    Sequences are right-padded; attention is causal, so real tokens never see the padding, and the padding is
+    left out of the mean: a sequence embeds the same alone or beside longer ones. That is why batches may be
+    formed by length (less padding to compute) and put back in order after.
+    """
+    for n, ids in enumerate(ids_batch):
+        if not 0 < len(ids) <= model.cfg.max_seq_len:
+            raise ValueError(f"ids_batch[{n}]: {len(ids)} tokens; expected 1..{model.cfg.max_seq_len}")
+    order = sorted(range(len(ids_batch)), key=lambda i: len(ids_batch[i]))
+    out = torch.zeros(len(ids_batch), model.cfg.n_embd)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            idx, lengths = pad_right([ids_batch[i] for i in rows], pad_id)
+            mean = mean_pool(model.hidden(idx.to(device)).float(), lengths)
+            out[rows] = torch.nn.functional.normalize(mean, dim=-1).cpu()
+    return out
+
+
 class Engine:
     """Serves generation requests from one background thread; see the module docstring for the loop."""
 
@@ -468,24 +492,9 @@ class Engine:
         return self.submit(prompt_ids, params).result()
 
     def embed(self, ids_batch: list[list[int]]) -> torch.Tensor:
-        """[N, n_embd] fp32 on the CPU: each sequence's final hidden states, mean-pooled and L2-normalised.
-
-        Sequences are right-padded; attention is causal, so real tokens never see the padding, and the
-        padding is left out of the mean: a sequence embeds the same alone or beside longer ones.
-        """
-        for n, ids in enumerate(ids_batch):
-            if not 0 < len(ids) <= self.model.cfg.max_seq_len:
-                raise ValueError(
-                    f"ids_batch[{n}]: {len(ids)} tokens; expected 1..{self.model.cfg.max_seq_len}"
-                )
-        out = []
-        with torch.inference_mode(), self._autocast():
-            for start in range(0, len(ids_batch), EMBED_BATCH):
-                chunk = ids_batch[start : start + EMBED_BATCH]
-                idx, lengths = self._pad(chunk)
-                mean = mean_pool(self.model.hidden(idx).float(), torch.tensor(lengths))
-                out.append(torch.nn.functional.normalize(mean, dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.n_embd)
+        """[N, n_embd] fp32 on the CPU: see embed_ids."""
+        with self._autocast():
+            return embed_ids(self.model, ids_batch, self.tokenizer.pad_id)
 
     # --- the scheduler thread ---
 

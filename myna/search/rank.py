@@ -1,0 +1,314 @@
+"""Social search over an index: candidates from BM25 and the model's embeddings, fused, then ranked like a feed.
+
+Top (relevance):
+  1. candidates: BM25 over the search terms (every word, phrase, #tag and @mention must match), and the posts
+     nearest to the query's embedding that pass the query's hard constraints (operators, exclusions, tags,
+     mentions and phrases; plain words are soft, so dense retrieval finds posts that say it differently);
+  2. fusion: reciprocal rank fusion of the two lists;
+  3. rescoring with the signals of Twitter's open-sourced Earlybird ranker: a linear sum of the text score and
+     log engagement counts, reply and link flags, times an age decay;
+  4. reposts collapsed into their original; at most MAX_RUN results in a row from one author.
+Latest: every post that matches the terms and operators, newest first.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from myna.search.index import Embedder, SearchIndex, SearchIndexError
+from myna.search.query import Phrase, Query, parse
+from myna.search.terms import terms
+
+
+@dataclass
+class RankSettings:
+    """Every weight of Top, with why it is what it is."""
+
+    candidates: int = 200  # per retriever: enough for a first page after filters, cheap to rescore
+    rrf_k: int = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): damps the head of each list
+    w_text: float = 10.0  # the fused relevance dominates: engagement reorders near-ties, never buries a match
+    w_likes: float = 0.5  # per log2(1 + likes): Earlybird counts favourites, on a log scale
+    w_reposts: float = 0.7  # reposts spread a post further than likes do, so they weigh more
+    w_replies: float = 0.3  # replies are engagement too, but also arguments: the smallest weight
+    w_reply_flag: float = -0.5  # a reply out of its thread is less useful than a post that stands alone
+    w_link: float = 0.2  # a link usually carries the news itself
+    half_life_hours: float = 6.0  # Earlybird's default age half-life (360 minutes)
+    decay_floor: float = 0.5  # old posts keep half their score: archives must stay searchable, not only news
+    max_run: int = 2  # Earlybird's limit of consecutive results by one author
+
+
+@dataclass
+class Hit:
+    rowid: int
+    post: dict
+    score: float
+    parts: dict = field(default_factory=dict)  # the score's parts, for --explain
+    highlights: list = field(default_factory=list)  # [start, end) character spans of matched terms
+    collapsed: list = field(default_factory=list)  # ids of reposts folded into this original
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Results:
+    query: str
+    order: str
+    hits: list[Hit]
+    total_candidates: int
+    retrievers: list[str]
+
+
+# --- the FTS5 expression and the SQL filters a query compiles to ---
+
+
+def _fts_phrase(p: Phrase) -> str:
+    quoted = '"' + " ".join(p.terms) + '"'  # terms never hold '"': see myna.search.terms
+    return f"body : {quoted}" if p.tag_or_mention else f"{{body tagwords}} : {quoted}"
+
+
+def fts_expression(q: Query, hard_only: bool = False) -> str | None:
+    """The MATCH expression for a query's clauses (None when it has none). hard_only keeps the clauses dense
+    candidates must satisfy too: tags, mentions and phrases of several words."""
+    clauses = []
+    for c in q.must:
+        if hard_only and not all(p.tag_or_mention or len(p.terms) > 1 for p in c.options):
+            continue
+        clauses.append("(" + " OR ".join(_fts_phrase(p) for p in c.options) + ")")
+    if not clauses:
+        return None
+    expr = " AND ".join(clauses)
+    for p in q.must_not:
+        expr = f"({expr}) NOT {_fts_phrase(p)}"
+    return expr
+
+
+def sql_filters(q: Query) -> tuple[str, list]:
+    f, where, args = q.filters, [], []
+    if f.from_users:
+        where.append(f"p.author IN ({','.join('?' * len(f.from_users))})")
+        args += f.from_users
+    if f.to_users:
+        where.append(f"p.to_user IN ({','.join('?' * len(f.to_users))})")
+        args += f.to_users
+    if f.since:
+        where.append("p.created_at >= ?")
+        args.append(int(f.since.timestamp()))
+    if f.until:
+        where.append("p.created_at < ?")
+        args.append(int(f.until.timestamp()))
+    if f.lang:
+        where.append("p.lang = ?")
+        args.append(f.lang)
+    for column, value in (("likes", f.min_faves), ("reposts", f.min_retweets), ("replies", f.min_replies)):
+        if value:
+            where.append(f"p.{column} >= ?")
+            args.append(value)
+    if f.replies is not None:
+        where.append(f"p.is_reply = {int(f.replies)}")
+    if f.links is not None:
+        where.append(f"p.has_link = {int(f.links)}")
+    return " AND ".join(where) or "1", args
+
+
+def _exclusions(q: Query) -> tuple[str, list]:
+    """SQL that drops posts matching an exclusion, for candidates that did not come through the FTS expression."""
+    if not q.must_not:
+        return "1", []
+    expr = " OR ".join(_fts_phrase(p) for p in q.must_not)
+    return "p.rowid NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)", [expr]
+
+
+# --- retrievers ---
+
+
+def lexical(index: SearchIndex, q: Query, limit: int, latest: bool = False) -> list[tuple[int, float]]:
+    """(rowid, bm25) best first (bm25 from FTS5 is negative: lower is better), or newest first when latest."""
+    expr = fts_expression(q)
+    where, args = sql_filters(q)
+    if expr is None:  # operators and exclusions only: no text to score
+        excl, eargs = _exclusions(q)
+        sql = f"SELECT p.rowid, 0.0 FROM posts p WHERE {where} AND {excl} ORDER BY p.created_at DESC LIMIT ?"
+        return index.db.execute(sql, [*args, *eargs, limit]).fetchall()
+    if where == "1" and not latest:
+        sql = "SELECT rowid, rank FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?"
+        return index.db.execute(sql, [expr, limit]).fetchall()
+    # MATERIALIZED keeps the MATCH on the FTS index instead of letting the join turn it into a scan
+    order = "p.created_at DESC" if latest else "m.s"
+    sql = (
+        "WITH m AS MATERIALIZED (SELECT rowid, rank AS s FROM fts WHERE fts MATCH ?) "
+        f"SELECT m.rowid, m.s FROM m JOIN posts p ON p.rowid = m.rowid WHERE {where} ORDER BY {order} LIMIT ?"
+    )
+    return index.db.execute(sql, [expr, *args, limit]).fetchall()
+
+
+def dense_text(q: Query) -> str:
+    return " ".join(p.text for c in q.must for p in c.options)
+
+
+def dense(index: SearchIndex, q: Query, embedder: Embedder, limit: int) -> list[tuple[int, float]]:
+    """(rowid, cosine) best first among the posts that pass the query's hard constraints."""
+    vec = embedder([dense_text(q)])[0]
+    scores = index.vectors @ vec
+    where, args = sql_filters(q)
+    excl, eargs = _exclusions(q)
+    hard = fts_expression(q, hard_only=True)
+    constrained = where != "1" or q.must_not or hard
+    fetch = limit * 4 if constrained else limit
+    while True:  # widen the net until enough candidates pass the constraints, or all were seen
+        k = min(fetch, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        rowids = [int(i) + 1 for i in top[np.argsort(-scores[top])]]
+        if constrained:
+            keep = _passing(index, rowids, where, args, excl, eargs, hard)
+            rowids = [r for r in rowids if r in keep]
+        if len(rowids) >= limit or k == len(scores):
+            return [(r, float(scores[r - 1])) for r in rowids[:limit]]
+        fetch *= 4
+
+
+def _passing(index: SearchIndex, rowids: list[int], where, args, excl, eargs, hard) -> set[int]:
+    keep: set[int] = set()
+    for start in range(0, len(rowids), 500):
+        chunk = rowids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT p.rowid FROM posts p WHERE p.rowid IN ({marks}) AND {where} AND {excl}"
+        found = {r[0] for r in index.db.execute(sql, [*chunk, *args, *eargs])}
+        if hard and found:
+            marks = ",".join("?" * len(found))
+            sql = f"SELECT rowid FROM fts WHERE fts MATCH ? AND rowid IN ({marks})"
+            found = {r[0] for r in index.db.execute(sql, [hard, *found])}
+        keep |= found
+    return keep
+
+
+# --- ranking ---
+
+
+def rrf(lists: dict[str, list[tuple[int, float]]], k: int) -> dict[int, dict]:
+    """rowid -> {retriever: (rank, raw score), "rrf": fused} over the candidate lists."""
+    fused: dict[int, dict] = {}
+    for name, ranked in lists.items():
+        for rank, (rowid, raw) in enumerate(ranked, start=1):
+            entry = fused.setdefault(rowid, {"rrf": 0.0})
+            entry[name] = {"rank": rank, "score": round(raw, 6)}
+            entry["rrf"] += 1.0 / (k + rank)
+    return fused
+
+
+def social_score(post: dict, text: float, now: int | None, s: RankSettings) -> tuple[float, dict]:
+    """Earlybird's linear score times its age decay; returns (score, parts)."""
+    parts = {
+        "text": s.w_text * text,
+        "likes": s.w_likes * math.log2(1 + max(post["likes"], 0)),
+        "reposts": s.w_reposts * math.log2(1 + max(post["reposts"], 0)),
+        "replies": s.w_replies * math.log2(1 + max(post["replies"], 0)),
+        "reply_flag": s.w_reply_flag * post["is_reply"],
+        "link": s.w_link * post["has_link"],
+    }
+    linear = sum(parts.values())
+    decay = 1.0
+    if now is not None and post["created_at"] is not None:
+        age_hours = max(now - post["created_at"], 0) / 3600
+        decay = s.decay_floor + (1 - s.decay_floor) * 0.5 ** (age_hours / s.half_life_hours)
+    parts = {k: round(v, 4) for k, v in parts.items()}
+    parts["age_decay"] = round(decay, 4)
+    return linear * decay, parts
+
+
+def collapse_reposts(index: SearchIndex, hits: list[Hit]) -> list[Hit]:
+    """A repost becomes its original (fetched when the original is in the index), shown once."""
+    originals = {h.post["repost_of_id"] for h in hits if h.post["repost_of_id"]}
+    by_id = {h.post["id"]: h for h in hits}
+    missing = [i for i in originals if i not in by_id]
+    if missing:
+        marks = ",".join("?" * len(missing))
+        found = index.db.execute(f"SELECT rowid FROM posts WHERE id IN ({marks})", missing).fetchall()
+        for rowid, post in index.rows(r[0] for r in found).items():
+            by_id[post["id"]] = Hit(rowid, post, score=-math.inf, parts={"collapsed_from_reposts": True})
+    out, placed = [], set()
+    for h in hits:
+        target = by_id.get(h.post["repost_of_id"] or "", h)
+        if target is not h:
+            target.collapsed.append(h.post["id"])
+            target.score = max(target.score, h.score)
+        if target.post["id"] not in placed:
+            placed.add(target.post["id"])
+            out.append(target)
+    out.sort(key=lambda h: -h.score)
+    return out
+
+
+def diversify(hits: list[Hit], max_run: int) -> list[Hit]:
+    """Reorder so that no more than max_run results in a row share an author (later ones wait their turn)."""
+    out, waiting = [], list(hits)
+    while waiting:
+        tail = [h.post["author"] for h in out[-max_run:]]
+        blocked = tail[0] if len(tail) == max_run and tail[0] is not None and len(set(tail)) == 1 else None
+        pick = next(
+            (h for h in waiting if h.post["author"] != blocked), waiting[0]
+        )  # only one author left: go on
+        waiting.remove(pick)
+        out.append(pick)
+    return out
+
+
+def highlight(text: str, q: Query) -> list[list[int]]:
+    """Character spans of the text whose search terms are among the query's (case-folded, as indexed)."""
+    wanted = set(q.words())
+    if not wanted:
+        return []
+    spans = []
+    for start, end in _word_spans(text):
+        if set(terms(text[start:end])) & wanted:
+            spans.append([start, end])
+    return spans
+
+
+def _word_spans(text: str):
+    start = None
+    for i, ch in enumerate(text + " "):
+        if ch.isspace() or ch in ",.;:!?()\"'":
+            if start is not None:
+                yield start, i
+                start = None
+        elif start is None:
+            start = i
+
+
+def search(
+    index: SearchIndex,
+    text: str,
+    order: str = "top",
+    limit: int = 20,
+    embedder: Embedder | None = None,
+    settings: RankSettings | None = None,
+) -> Results:
+    if order not in ("top", "latest"):
+        raise SearchIndexError(f"order: expected 'top' or 'latest', got {order!r}")
+    s = settings or RankSettings()
+    q = parse(text)
+    if order == "latest":
+        ranked = lexical(index, q, limit, latest=True)
+        rows = index.rows(r for r, _ in ranked)
+        hits = [Hit(r, rows[r], 0.0, {"bm25": round(b, 4)}, highlight(rows[r]["text"], q)) for r, b in ranked]
+        return Results(text, order, hits, len(ranked), ["bm25"])
+
+    lists = {"bm25": lexical(index, q, s.candidates)}
+    if q.has_text and index.vectors is not None and embedder is not None:
+        lists["dense"] = dense(index, q, embedder, s.candidates)
+    fused = rrf(lists, s.rrf_k)
+    best = len(lists) / (s.rrf_k + 1)  # the fused score of a post first in every list
+    now = index.db.execute("SELECT max(created_at) FROM posts").fetchone()[0]
+    rows = index.rows(fused)
+    hits = []
+    for rowid, entry in fused.items():
+        post = rows[rowid]
+        text_score = entry["rrf"] / best if q.has_text else 0.0
+        score, parts = social_score(post, text_score, now, s)
+        parts.update({k: v for k, v in entry.items() if k != "rrf"}, rrf=round(entry["rrf"], 6))
+        hits.append(Hit(rowid, post, round(score, 4), parts, highlight(post["text"], q)))
+    hits.sort(key=lambda h: -h.score)
+    hits = diversify(collapse_reposts(index, hits), s.max_run)[:limit]
+    return Results(text, order, hits, len(fused), list(lists))

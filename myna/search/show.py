@@ -1,0 +1,41 @@
+"""Search results in the terminal: the post with its matches in bold, author, time, engagement, ids, and with
+--explain the parts of its score."""
+
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.markup import escape
+
+from myna.search.rank import Hit, Results
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+def marked(text: str, spans: list[list[int]]) -> str:
+    parts, at = [], 0
+    for start, end in spans:
+        parts += [escape(text[at:start]), "[bold yellow]", escape(text[start:end]), "[/]"]
+        at = end
+    return "".join(parts) + escape(text[at:])
+
+
+def when(seconds: int | None) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M") if seconds is not None else "?"
+
+
+def print_hit(n: int, h: Hit, explain: bool) -> None:
+    p = h.post
+    head = f"[bold]{n:>2}.[/] @{escape(p['author'] or '?')}  {when(p['created_at'])}  ♥ {p['likes']}  ⟳ {p['reposts']}"
+    out.print(head + f"  ↩ {p['replies']}  [dim]id {escape(p['id'])}  score {h.score:.3f}[/]")
+    out.print("    " + marked(p["text"], h.highlights).replace("\n", "\n    "))
+    if h.collapsed:
+        out.print(f"    [dim]{len(h.collapsed)} repost(s) folded in: {escape(', '.join(h.collapsed[:5]))}[/]")
+    if explain:
+        out.print("    [dim]" + escape("  ".join(f"{k}={v}" for k, v in h.parts.items())) + "[/]")
+
+
+def print_results(r: Results, explain: bool = False) -> None:
+    how = " + ".join(r.retrievers)
+    out.print(f"[dim]{r.order}: {len(r.hits)} shown of {r.total_candidates} candidates ({how})[/]")
+    for n, h in enumerate(r.hits, start=1):
+        print_hit(n, h, explain)

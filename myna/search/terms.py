@@ -1,0 +1,59 @@
+"""Search terms: how a post's text (and a query's words) become the tokens the lexical index stores.
+
+SQLite FTS5's default tokenizer (unicode61) drops '#' and '@' and treats a run of Chinese or Japanese as one word,
+so a search for #tag, @user, an emoji or two CJK characters would find nothing. Myna tokenizes in Python instead and
+hands FTS5 the tokens joined by spaces; FTS5's `ascii` tokenizer (every non-ASCII character a token character, '#',
+'@' and '_' declared token characters) then splits on those spaces and nothing else.
+
+- words: NFKC-normalised and case-folded (`Café` and `café` match; accents are kept: they change meaning);
+- `#tag` and `@user` stay whole, so `#python` does not match the word python and the reverse;
+- scripts written without spaces (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar) become overlapping character
+  bigrams, the usual trick of CJK search engines: a two-character query matches anywhere inside a run;
+- each emoji is a token (skin tones and variation selectors dropped, so 👍🏽 finds 👍);
+- links are not words: they are searched with filter:links.
+"""
+
+import re
+import unicodedata
+
+_NO_SPACE_SCRIPTS = (
+    r"\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+    r"\u3040-\u30ff\u31f0-\u31ff"  # Hiragana, Katakana
+    r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"  # Han
+)
+_TOKEN = re.compile(
+    r"(?P<url>https?://\S+|www\.\S+)"
+    r"|(?P<tag>[#＃][^\W_][\w]*)"
+    r"|(?P<mention>[@＠]\w{1,50})"
+    rf"|(?P<run>[{_NO_SPACE_SCRIPTS}]+)"
+    rf"|(?P<word>(?:(?![{_NO_SPACE_SCRIPTS}])\w)+)"
+    r"|(?P<other>\S)"
+)
+# emoji modifiers that change a glyph's look, not its meaning
+_MODIFIERS = re.compile("[\ufe0e\ufe0f\u200d\U0001f3fb-\U0001f3ff]")
+
+
+def fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def is_emoji(ch: str) -> bool:
+    return unicodedata.category(ch) == "So" or 0x1F000 <= ord(ch) <= 0x1FAFF
+
+
+def terms(text: str) -> list[str]:
+    """A text -> its search tokens, in order (see the module docstring)."""
+    out: list[str] = []
+    for m in _TOKEN.finditer(_MODIFIERS.sub("", fold(text))):
+        kind, tok = m.lastgroup, m.group()
+        if kind == "tag":
+            out.append("#" + tok[1:])
+        elif kind == "mention":
+            out.append("@" + tok[1:])
+        elif kind == "run":
+            out.extend([tok] if len(tok) == 1 else [tok[i : i + 2] for i in range(len(tok) - 1)])
+        elif kind == "word":
+            out.append(tok)
+        elif kind == "other" and is_emoji(tok):
+            out.append(tok)
+    return out
