@@ -686,6 +686,42 @@ def cmd_search(args: argparse.Namespace) -> None:
         print_results(results, args.explain)
 
 
+def cmd_ask(args: argparse.Namespace) -> None:
+    from myna.infer.engine import Engine, set_cpu_threads
+    from myna.runs import load_model
+    from myna.search.ask import ask
+    from myna.search.index import SearchIndex, load_embedder
+    from myna.search.show import print_answer
+
+    set_cpu_threads(_device(args))
+    idx = SearchIndex.open(args.index)
+    embedder = None if args.lexical else load_embedder(idx.path, idx.meta)
+    loaded = load_model(args.ckpt, _device(args))
+    with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
+        answer = ask(idx, args.question, engine, embedder, args.query, args.k, args.max_tokens)
+    if args.json:
+        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+    else:
+        print_answer(answer)
+
+
+def ask_parser(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("question", help='a question, e.g. "what are people saying about the floods?"')
+    sp.add_argument("--index", required=True, help="the index folder (myna index build)")
+    sp.add_argument("--ckpt", required=True, help="the chat run that answers")
+    sp.add_argument("--query", help="search this instead of the question's content words")
+    sp.add_argument(
+        "-k", type=int, default=5, help="posts the model reads (fewer if they do not fit its context)"
+    )
+    sp.add_argument("--max-tokens", type=int, default=160, help="longest answer in tokens")
+    sp.add_argument("--lexical", action="store_true", help="BM25 only: do not embed the question")
+    serve_flags(sp, ["device"])
+    sp.add_argument(
+        "--json", action="store_true", help="the answer, its citations and the posts as one JSON object"
+    )
+    sp.set_defaults(fn=cmd_ask)
+
+
 def index_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "action", choices=["build", "add"], help="build: a new index from a prepared corpus; add: new posts"
@@ -745,6 +781,7 @@ VERBS = {
     ),
     "index": ("a search index of posts: BM25 and the model's embeddings (build, add)", index_parser),
     "search": ("search an index like Twitter: operators, Top or Latest, --explain", search_parser),
+    "ask": ("answer a question from the posts a search finds, citing them as [1], [2]", ask_parser),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from helpers import myna
 
+from myna.infer.engine import Engine
+from myna.runs import load_model
 from myna.search import index as search_index
+from myna.search.ask import ask, check_citations, messages, question_query
 from myna.search.index import SearchIndex, SearchIndexError, load_embedder
 from myna.search.query import QueryError, parse
 from myna.search.rank import RankSettings, diversify, search
@@ -305,3 +308,33 @@ def test_cli_build_search_json(sample_data: Path, base_run: Path, tmp_path: Path
     assert r.returncode == 0 and "rrf=" in r.stdout and "age_decay" in r.stdout
     with sqlite3.connect(out / "index.sqlite") as db:
         assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] > 0
+
+
+def test_citations_of_posts_not_retrieved_are_removed():
+    text, cited, removed = check_citations("Floods [2] close roads [7], [3, 9] and [1].", 3)
+    assert (text, cited, removed) == ("Floods [2] close roads , [3] and [1].", [2, 3, 1], 2)
+
+
+def test_question_becomes_a_query():
+    assert question_query("What are people saying about the floods in #Calgary from:cbc?") == (
+        '"floods" OR "#calgary" from:cbc'
+    )
+
+
+def test_ask_answers_from_retrieved_posts(opened, sft_run: Path, built: Path):
+    idx, embedder = opened
+    loaded = load_model(sft_run)
+    with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
+        a = ask(idx, "what do people say about the python release?", engine, embedder, max_tokens=24)
+    assert a.query == '"python" OR "release"'
+    assert 1 <= len(a.posts) <= 5 and a.finish_reason in ("stop", "length")
+    assert all(1 <= n <= len(a.posts) for n in a.cited)
+    context = messages(a.question, a.query, a.posts)
+    assert context[2]["tool_calls"][0]["arguments"] == {"query": a.query}
+    assert "[1] @" in context[3]["content"]
+    r = myna(
+        "ask", "--index", str(built), "--ckpt", str(sft_run), "--json", "--max-tokens", "8", "python release"
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["posts"] and {"answer", "citations", "removed_citations"} <= set(out)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.markup import escape
 
+from myna.search.ask import Answer
 from myna.search.rank import Hit, Results
 
 out = Console(highlight=False, soft_wrap=True)
@@ -39,3 +40,15 @@ def print_results(r: Results, explain: bool = False) -> None:
     out.print(f"[dim]{r.order}: {len(r.hits)} shown of {r.total_candidates} candidates ({how})[/]")
     for n, h in enumerate(r.hits, start=1):
         print_hit(n, h, explain)
+
+
+def print_answer(a: Answer) -> None:
+    out.print(f"[dim]searched: {escape(a.query or '(no content words)')}[/]")
+    out.print(escape(a.text) or "[dim](no answer)[/]")
+    if a.removed_citations:
+        out.print(f"[dim]{a.removed_citations} citation(s) of posts that were not retrieved removed[/]")
+    for n, h in enumerate(a.posts, start=1):
+        mark = "cited" if n in a.cited else "not cited"
+        out.print(
+            f"[bold][{n}][/] [dim]{mark}[/] @{escape(h.post['author'] or '?')}: {escape(h.post['text'][:200])}"
+        )

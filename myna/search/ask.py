@@ -1,0 +1,150 @@
+"""Answers that cite posts: retrieve, then the chat model answers from the top posts and cites them as [1], [2].
+
+The retrieval is written into the conversation as a tool call, the way a model that calls tools sees it:
+
+    system: how to answer                      user: the question
+    assistant: <|tool_call|>{"name": "search", "arguments": {"query": ...}}
+    tool: [1] @author (date): text  [2] ...     assistant: the answer, generated
+
+so a model tuned on tool use sees exactly its training format, and one that is not still reads the posts as
+context. A citation that points at no retrieved post ([7] of five) is removed from the answer and counted.
+"""
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from myna.infer.engine import Engine, SamplingParams
+from myna.search.index import Embedder, SearchIndex
+from myna.search.query import QueryError, parse
+from myna.search.rank import Hit, search
+from myna.search.terms import terms
+from myna.template import prompt_budget, render_prompt, turn_stop_ids
+
+SYSTEM = (
+    "Answer the question from the posts the search returned. Cite every post you use by its number, like [1]. "
+    "If the posts do not answer the question, say so."
+)
+TOOL = "search"
+POSTS = 5  # posts handed to the model: what fits a small context with room for the answer
+POST_CHARS = 280  # each post as the model sees it, cut to a post's classic length
+# question words that would make every post a match (BM25 needs content words)
+STOPWORDS = frozenset(
+    "a an and are about at be by did do does for from has have how i in is it me of on or people "
+    "say saying said that the their them there they this to was were what when where which who why "
+    "will with you your tell think".split()
+)
+_CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+@dataclass
+class Answer:
+    question: str
+    query: str  # what was searched
+    text: str  # the answer, citations of posts that were not retrieved removed
+    posts: list[Hit]  # the retrieved posts; [n] cites posts[n - 1]
+    cited: list[int] = field(default_factory=list)  # the numbers cited, in order of first use
+    removed_citations: int = 0  # citations that pointed at no retrieved post
+    finish_reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "question": self.question,
+            "query": self.query,
+            "answer": self.text,
+            "citations": [{"n": n, "post": self.posts[n - 1].post} for n in self.cited],
+            "posts": [h.to_dict() for h in self.posts],
+            "removed_citations": self.removed_citations,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def question_query(question: str) -> str:
+    """A search query from a question: its operators kept, its content words joined by OR (a question's words
+    rarely all appear in one post)."""
+    words, operators = [], []
+    for piece in question.split():
+        piece = piece.rstrip("?!.,;")
+        if re.match(r"^-?[A-Za-z_]+:\S+$", piece) and not piece.lower().startswith("http"):
+            operators.append(piece)
+            continue
+        for t in terms(piece):
+            if t not in STOPWORDS and t not in words and len(t) > 1:
+                words.append(t)
+    return " ".join([" OR ".join(f'"{w}"' for w in words[:8]), *operators]).strip()
+
+
+def tool_result(hits: list[Hit]) -> str:
+    lines = []
+    for n, h in enumerate(hits, start=1):
+        p = h.post
+        when = (
+            datetime.fromtimestamp(p["created_at"], UTC).strftime("%Y-%m-%d")
+            if p["created_at"]
+            else "undated"
+        )
+        text = " ".join(p["text"].split())[:POST_CHARS]
+        lines.append(f"[{n}] @{p['author'] or 'unknown'} ({when}): {text}")
+    return "\n".join(lines)
+
+
+def messages(question: str, query: str, hits: list[Hit]) -> list[dict]:
+    call = {"name": TOOL, "arguments": {"query": query}}
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": tool_result(hits) or "no posts found"},
+    ]
+
+
+def check_citations(text: str, n_posts: int) -> tuple[str, list[int], int]:
+    """(text without citations of posts that do not exist, the valid numbers in order of first use, removed)."""
+    cited: list[int] = []
+    removed = 0
+
+    def keep(m: re.Match) -> str:
+        nonlocal removed
+        valid = []
+        for n in (int(x) for x in m.group(1).split(",")):
+            if 1 <= n <= n_posts:
+                valid.append(n)
+                if n not in cited:
+                    cited.append(n)
+            else:
+                removed += 1
+        return "[" + ", ".join(map(str, valid)) + "]" if valid else ""
+
+    cleaned = _CITATION.sub(keep, text)
+    return re.sub(r"[ \t]{2,}", " ", cleaned).strip(), cited, removed
+
+
+def ask(
+    index: SearchIndex,
+    question: str,
+    engine: Engine,
+    embedder: Embedder | None = None,
+    query: str | None = None,
+    k: int = POSTS,
+    max_tokens: int = 160,
+    temperature: float = 0.0,
+) -> Answer:
+    """Retrieve the top k posts for the question (or the given query) and let the chat model answer from them."""
+    query = query or question_query(question)
+    try:
+        parse(query)
+    except QueryError:
+        query = ""
+    hits = search(index, query, limit=k, embedder=embedder).hits if query else []
+    tok, budget = engine.tokenizer, prompt_budget(engine.max_len, max_tokens)
+    while True:  # the question and the instructions stay whole: fewer posts when they do not fit
+        prompt = render_prompt(messages(question, query, hits), tok)
+        if len(prompt.ids) <= budget or not hits:
+            break
+        hits = hits[:-1]
+    if len(prompt.ids) > budget:
+        raise ValueError(f"the question takes {len(prompt.ids)} tokens; the model's context leaves {budget}")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=turn_stop_ids(tok))
+    result = engine.generate(prompt.ids, params)
+    text, cited, removed = check_citations(result.text, len(hits))
+    return Answer(question, query, text, hits, cited, removed, result.finish_reason)
