@@ -18,9 +18,10 @@ from myna.infer.engine import Engine
 from myna.runs import load_model
 from myna.search import index as search_index
 from myna.search.ask import ask, check_citations, messages, question_query
-from myna.search.index import SearchIndex, SearchIndexError, load_embedder
+from myna.search.index import SearchIndex, SearchIndexError, load_embedder, write_index
 from myna.search.query import QueryError, parse
 from myna.search.rank import RankSettings, diversify, search
+from myna.search.relevance import evaluate, make_tasks, ndcg_at, recall_at, tag_words
 from myna.search.terms import terms
 
 POSTS = [  # id, author, time, text, likes, reposts, replies, extra fields
@@ -338,3 +339,22 @@ def test_ask_answers_from_retrieved_posts(opened, sft_run: Path, built: Path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["posts"] and {"answer", "citations", "removed_citations"} <= set(out)
+
+
+def test_hashtag_relevance_tasks_and_metrics(tmp_path: Path):
+    assert tag_words("PrayForVisayas") == "pray for visayas" and tag_words("yycflood") == "yycflood"
+    assert tag_words("COVID19") == "covid 19"
+    posts = [{"id": f"f{i}", "text": f"water rising on main street #BigFlood day {i}"} for i in range(4)]
+    posts += [{"id": f"o{i}", "text": f"sunny and quiet, big plans for day {i}"} for i in range(30)]
+    posts += [{"id": "x", "text": "#BigFlood"}]
+    stripped, tasks = make_tasks(posts)
+    assert [(t.tag, t.query, len(t.relevant)) for t in tasks] == [("bigflood", "big flood", 5)]
+    assert not any("#" in p["text"] for p in stripped) and stripped[-1]["text"] == "."
+    assert ndcg_at(["a", "b"], {"a"}) == 1.0 and ndcg_at(["b", "a"], {"a"}) == pytest.approx(1 / math.log2(3))
+    assert recall_at(["a", "b", "c"], {"a", "z"}, k=2) == 0.5
+    write_index(stripped, len(stripped), tmp_path / "idx")
+    scores = evaluate(SearchIndex.open(tmp_path / "idx"), tasks)
+    # "big flood" as words: BM25 finds only what the tag's words still match ("big" in the sunny posts)
+    assert (
+        set(scores) == {"bm25"} and 0 <= scores["bm25"]["ndcg@10"] < 1 and scores["bm25"]["recall@100"] == 0
+    )

@@ -347,17 +347,22 @@ def corpus_posts(data_dir: Path) -> tuple[Iterator[dict], int]:
 
 def build(data_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> dict:
     """`myna index build`: index a prepared corpus (with the run's embeddings when ckpt is given)."""
+    posts, total = corpus_posts(Path(data_dir))
+    return write_index(posts, total, out, Embedder.load(ckpt) if ckpt else None)
+
+
+def write_index(posts: Iterable[dict], total: int | None, out: str | Path, embedder=None) -> dict:
+    """A new index of the posts in `out`, replacing what was there only once it is whole. `embedder` is anything
+    with Embedder's ckpt, fingerprint, dim and __call__ (benchmarks pass reference models)."""
     from myna.io import atomic_dir, remove_stale_temps
 
-    data_dir, out = Path(data_dir), Path(out)
-    posts, total = corpus_posts(data_dir)
-    embedder = Embedder.load(ckpt) if ckpt else None
+    out = Path(out)
     remove_stale_temps(out)
     counts: Counter = Counter()
     with atomic_dir(out) as tmp:
         db = _create(tmp / DB_NAME, embedder)
         with db:
-            _write(db, posts, total, embedder, counts)
+            _write(db, iter(posts), total, embedder, counts)
         db.execute("VACUUM")
         db.close()
     log(f"index: {counts['indexed']:,} posts into {out}" + _skipped(counts))
