@@ -220,6 +220,7 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     else:
         log("DPO skipped: the data has no preference pairs (reply trees with like counts)")
     print_chat_samples(chat)
+    speedrun_search(out / "data", out / "index", chat)
     # the quick part of `myna eval` (val bits-per-byte, chat checks); TweetEval takes longer: `myna eval RUN`
     evaluate_run(chat, tweeteval_mode="none", **given(args, EvalConfig))
     log(f"report card: {write_report(chat)}")
@@ -228,6 +229,22 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
         from myna.serve.api import serve
 
         serve(chat, ServeConfig(**given(args, ServeConfig)))  # prints the URL; Ctrl-C stops it
+
+
+def speedrun_search(data: Path, index: Path, chat: Path) -> None:
+    """The sample's posts indexed with the chat model's embeddings (again only if that model changed), then a
+    few searches and one answer that cites posts."""
+    from myna.runs import resolve
+    from myna.search.index import SearchIndex, SearchIndexError, build, fingerprint
+    from myna.search.show import showcase
+
+    try:
+        current = SearchIndex.open(index).meta.get("fingerprint") == fingerprint(resolve(chat)[1])
+    except SearchIndexError:
+        current = False
+    if not current:
+        build(data, index, chat)
+    showcase(index, chat)
 
 
 # SmolLM2-135M on two CPU cores trains at ~40-70 tokens/s: steps of 1,024 tokens, and held-out checks of

@@ -54,6 +54,8 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
         assert "chat model (SFT): step 4" in out and "DPO skipped" in out and "chat samples" in out
         assert (tmp_path / "run" / "sft" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
         assert "report card:" in out
+        assert "myna search --index" in out and "myna ask --index" in out and "searched:" in out
+        assert (tmp_path / "run" / "index" / "index.sqlite").is_file()
         report = (tmp_path / "run" / "sft" / "report.md").read_text()
         assert (
             "Chat checks" in report
@@ -93,6 +95,7 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "chat model (SFT): step 4" in again.stderr and "http://" not in again.stderr + again.stdout
     assert re.search(r"speedrun finished in [\d.]+ s", again.stderr)
+    assert "posts into" not in again.stderr  # the index is current: not built again
 
     # the tuning verbs on their own: SFT on an OpenAI-messages file, then DPO on real replies (chosen: the reply a
     # conversation got; rejected: another conversation's reply) against the SFT model

@@ -20,6 +20,7 @@ from myna.search.query import QueryError, parse
 from myna.search.rank import Hit, search
 from myna.search.terms import terms
 from myna.template import prompt_budget, render_prompt, turn_stop_ids
+from myna.tokenizer import Tokenizer
 
 SYSTEM = (
     "Answer the question from the posts the search returned. Cite every post you use by its number, like [1]. "
@@ -119,6 +120,55 @@ def check_citations(text: str, n_posts: int) -> tuple[str, list[int], int]:
     return re.sub(r"[ \t]{2,}", " ", cleaned).strip(), cited, removed
 
 
+@dataclass
+class AskPrompt:
+    """A question with its posts retrieved, as the chat model is asked it; answer() reads the model's reply."""
+
+    question: str
+    query: str  # what was searched ("" when the question held no content words)
+    hits: list[Hit]  # the posts in the prompt, [n] = hits[n - 1]
+    ids: list[int]
+    params: SamplingParams
+
+    def answer(self, text: str, finish_reason: str) -> Answer:
+        text, cited, removed = check_citations(text, len(self.hits))
+        return Answer(self.question, self.query, text, self.hits, cited, removed, finish_reason)
+
+
+def ask_prompt(
+    index: SearchIndex,
+    question: str,
+    tokenizer: Tokenizer,
+    max_len: int,
+    embedder: Embedder | None = None,
+    query: str | None = None,
+    k: int = POSTS,
+    max_tokens: int = 160,
+    temperature: float = 0.0,
+) -> AskPrompt:
+    """Retrieve the top k posts for the question (or the given query) and write the prompt that asks about them
+    in a context of max_len tokens (fewer posts when they do not all fit)."""
+    query = query or question_query(question)
+    try:
+        parse(query)
+    except QueryError:
+        query = ""
+    hits = search(index, query, limit=k, embedder=embedder).hits if query else []
+    budget = prompt_budget(max_len, max_tokens)
+    while True:  # the question and the instructions stay whole: fewer posts when they do not fit
+        prompt = render_prompt(messages(question, query, hits), tokenizer)
+        if len(prompt.ids) <= budget or not hits:
+            break
+        hits = hits[:-1]
+    if (
+        len(prompt.ids) > budget
+    ):  # a tiny context: no instructions, and the template's rule cuts the oldest turns
+        prompt = render_prompt(messages(question, query, hits)[1:], tokenizer, budget)
+    stop = turn_stop_ids(tokenizer)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stop)
+    return AskPrompt(question, query, hits, prompt.ids, params)
+
+
 def ask(
     index: SearchIndex,
     question: str,
@@ -130,21 +180,8 @@ def ask(
     temperature: float = 0.0,
 ) -> Answer:
     """Retrieve the top k posts for the question (or the given query) and let the chat model answer from them."""
-    query = query or question_query(question)
-    try:
-        parse(query)
-    except QueryError:
-        query = ""
-    hits = search(index, query, limit=k, embedder=embedder).hits if query else []
-    tok, budget = engine.tokenizer, prompt_budget(engine.max_len, max_tokens)
-    while True:  # the question and the instructions stay whole: fewer posts when they do not fit
-        prompt = render_prompt(messages(question, query, hits), tok)
-        if len(prompt.ids) <= budget or not hits:
-            break
-        hits = hits[:-1]
-    if len(prompt.ids) > budget:
-        raise ValueError(f"the question takes {len(prompt.ids)} tokens; the model's context leaves {budget}")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=turn_stop_ids(tok))
-    result = engine.generate(prompt.ids, params)
-    text, cited, removed = check_citations(result.text, len(hits))
-    return Answer(question, query, text, hits, cited, removed, result.finish_reason)
+    p = ask_prompt(
+        index, question, engine.tokenizer, engine.max_len, embedder, query, k, max_tokens, temperature
+    )
+    result = engine.generate(p.ids, p.params)
+    return p.answer(result.text, result.finish_reason)

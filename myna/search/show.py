@@ -52,3 +52,30 @@ def print_answer(a: Answer) -> None:
         out.print(
             f"[bold][{n}][/] [dim]{mark}[/] @{escape(h.post['author'] or '?')}: {escape(h.post['text'][:200])}"
         )
+
+
+SHOWCASE = (  # searches the bundled sample answers well: a tag, words with an operator, a phrase, Latest
+    ("#earthquake", "top"),
+    ("flood OR flooding lang:en -filter:links", "top"),
+    ('"red cross"', "latest"),
+)
+SHOWCASE_QUESTION = "What are people saying about the floods in Calgary?"
+
+
+def showcase(index_path, chat_run) -> None:
+    """`myna speedrun`'s tour of search: a few searches and one answer that cites posts."""
+    from myna.infer.engine import Engine
+    from myna.runs import load_model
+    from myna.search.ask import ask
+    from myna.search.index import SearchIndex, load_embedder
+    from myna.search.rank import search
+
+    idx = SearchIndex.open(index_path)
+    embedder = load_embedder(idx.path, idx.meta)
+    for text, order in SHOWCASE:
+        out.print(f"\n[bold]myna search --index {index_path} --order {order} -n 3 {escape(repr(text))}[/]")
+        print_results(search(idx, text, order=order, limit=3, embedder=embedder))
+    out.print(f"\n[bold]myna ask --index {index_path} --ckpt {chat_run} {escape(repr(SHOWCASE_QUESTION))}[/]")
+    loaded = load_model(chat_run)
+    with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
+        print_answer(ask(idx, SHOWCASE_QUESTION, engine, embedder, max_tokens=96))
