@@ -592,7 +592,7 @@ def chat_parser(sp: argparse.ArgumentParser) -> None:
 def serve_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
     names = ["host", "port", "allowed_hosts", "api_key", "max_concurrency", "policy", "device", "compile"]
-    serve_flags(sp, [*names, "header_timeout", "body_timeout"])
+    serve_flags(sp, [*names, "index", "header_timeout", "body_timeout"])
     sp.set_defaults(fn=cmd_serve)
 
 

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import AIRLINES, BAD_LINES, SAMPLE, SFT_ARGS, airline_dialogues
+from helpers import AIRLINES, BAD_LINES, COFFEE_POSTS, SAMPLE, SFT_ARGS, airline_dialogues
 
 from myna.config import preset
 from myna.data.pipeline import PrepareConfig, prepare
@@ -16,6 +17,7 @@ from myna.data.threads import write_jsonl
 from myna.eval.classify import ClassifySettings
 from myna.eval.run import evaluate_run
 from myna.model import GPT
+from myna.search import index as search_index
 from myna.template import render
 from myna.tokenizer import train_tokenizer
 from myna.train import checkpoint
@@ -59,6 +61,19 @@ def base_run(sample_data: Path, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("base") / "run"
     pretrain(sample_data, run, preset="tiny", steps=100, max_seq_len=256)
     return run
+
+
+@pytest.fixture(scope="session")
+def serve_index(sample_data: Path, base_run: Path, tmp_path_factory) -> Path:
+    """A small search index for the serving tests: the sample corpus's first 800 posts embedded by the base, and
+    helpers.COFFEE_POSTS added."""
+    root = tmp_path_factory.mktemp("serve-index")
+    sample = pq.read_table(sample_data / "corpus.parquet").slice(0, 800).to_pylist()
+    search_index.write_index(sample, len(sample), root / "idx", search_index.Embedder.load(base_run))
+    posts = root / "coffee.jsonl"
+    posts.write_text("".join(json.dumps({**p, "lang": "en", "source": "t"}) + "\n" for p in COFFEE_POSTS))
+    search_index.add(root / "idx", [posts])
+    return root / "idx"
 
 
 @pytest.fixture(scope="session")

@@ -67,3 +67,23 @@ def load_v2_posts():
                 new_post(rec.pop("id"), rec.pop("text"), f"{V2_POSTS.name}:{n}", created_at=created, **rec)
             )
     return posts
+
+
+# Posts with the fields search ranks and filters on (the sample corpus has no authors, times or counts), added to
+# conftest's serve_index: Top puts the most engaged first, Latest the newest; s4 replies to s1; s6 is older.
+COFFEE_POSTS = [
+    {"id": "s1", "author_id": "maya", "created_at": "2024-05-01T08:00:00Z", "like_count": 5000, "repost_count": 800,
+     "reply_count": 40, "text": "The best coffee in town is at the harbour cafe, trust me #coffee"},
+    {"id": "s2", "author_id": "theo", "created_at": "2024-05-03T09:30:00Z", "like_count": 1, "repost_count": 0,
+     "reply_count": 0, "text": "coffee again this morning, my third cup already"},
+    {"id": "s3", "author_id": "maya", "created_at": "2024-05-02T14:00:00Z", "like_count": 15, "repost_count": 2,
+     "reply_count": 1, "text": "Cold brew coffee is just patience in a glass"},
+    {"id": "s4", "author_id": "june", "created_at": "2024-05-04T07:15:00Z", "like_count": 0, "repost_count": 0,
+     "reply_count": 0, "text": "@maya the harbour cafe coffee was bitter today", "in_reply_to_id": "s1"},
+    {"id": "s5", "author_id": "theo", "created_at": "2024-05-02T20:00:00Z", "like_count": 3, "repost_count": 0,
+     "reply_count": 0, "text": "tea people, this is your moment"},
+    # untrusted text: markup a page must show as text, and an astral emoji before the match (highlights count
+    # code points, JavaScript strings UTF-16 units)
+    {"id": "s6", "author_id": "mallory", "created_at": "2024-04-30T12:00:00Z", "like_count": 2, "repost_count": 0,
+     "reply_count": 0, "text": '🐍 <img src=x onerror="window.pwned=1"> free coffee <b>here</b>'},
+]  # fmt: skip

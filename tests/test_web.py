@@ -1,7 +1,7 @@
 """The web page in headless Chromium (Debian's `chromium`, driven by Playwright; no browser download): send a
 message and watch the reply stream in, keep two conversations and switch between them, survive a reload, send a
-system prompt and settings, show the server's error. Screenshots go to $MYNA_TEST_ARTIFACTS (default
-tests/artifacts/) for a person to look at."""
+system prompt and settings, show the server's error; search with operators, Top and Latest, and ask. Screenshots
+go to $MYNA_TEST_ARTIFACTS (default tests/artifacts/) for a person to look at."""
 
 import os
 from pathlib import Path
@@ -148,5 +148,70 @@ def test_chat_page_works_without_a_key(run_dir, page):
         send(page, "hello without a key")
         expect(page.locator("#messages .msg.assistant .content")).not_to_be_empty()
         expect(page.locator("#error")).to_be_hidden()
+    finally:
+        live.stop()
+
+
+def test_search_tab_orders_highlights_explains_and_asks(sft_run, serve_index, page):
+    """The Search tab over a live server with an index: an operator query, Top and Latest, matches marked, the
+    score explained, a malformed operator's message, posts' markup shown as text, and Ask's answer and posts."""
+    live = LiveServer(create_app(sft_run, ServeConfig(index=serve_index, policy=Policy.off())))
+    try:
+        live.wait_ready()
+        page.goto(live.url + "/")
+        page.click("#settings summary")
+        page.fill("#max_tokens", "16")  # room in this tiny model's 256-token context for Ask's prompt
+        page.click('.tab[data-tab="search"]')
+        expect(page.locator("#tab-chat")).to_be_hidden()
+
+        results = page.locator("#results li")
+        page.fill("#query", "coffee since:2024-05-01")
+        page.press("#query", "Enter")
+        expect(results.first).to_have_attribute("data-id", "s1")  # Top: the most engaged first
+        expect(results.first.locator(".author")).to_have_text("@maya")
+        expect(results.first.locator("time")).to_have_text("2024-05-01 08:00 UTC")
+        expect(results.first.locator(".likes")).to_have_text("♥ 5000")
+        expect(results.first.locator("mark")).to_have_text(["coffee"])
+        page.click('.mode[data-mode="latest"]')
+        expect(results).to_have_count(4)
+        assert [li.get_attribute("data-id") for li in results.all()] == ["s4", "s2", "s3", "s1"]
+        expect(page.locator("#results .parts")).to_have_count(0)
+        page.check("#explain")
+        expect(results.first.locator(".parts")).to_contain_text("bm25")
+        page.screenshot(path=str(ARTIFACTS / "web_search.png"))
+
+        page.fill("#query", "coffee since:yesterday")
+        page.press("#query", "Enter")
+        expect(page.locator("#search-error")).to_contain_text("'since:yesterday': expected a date YYYY-MM-DD")
+        expect(results).to_have_count(0)
+
+        page.fill(
+            "#query", "coffee from:mallory"
+        )  # markup in a post is text, and the match is marked after 🐍
+        page.press("#query", "Enter")
+        expect(results.first.locator(".post-text")).to_contain_text('<img src=x onerror="window.pwned=1">')
+        expect(results.first.locator("mark")).to_have_text(["coffee"])
+        assert page.locator("#results img, #results b").count() == 0 and page.evaluate("window.pwned") is None
+        expect(page.locator("#search-error")).to_be_hidden()
+
+        # Ask: the tiny model never learned to cite, so its answer gets citations on the way to the page
+        def cited(route):
+            answer = route.fetch().json()
+            assert answer["posts"], answer
+            answer["answer"] = f"From [1] and [9]: {answer['answer']}"
+            answer["citations"] = [{"n": 1, "id": answer["posts"][0]["id"]}]
+            route.fulfill(json=answer)
+
+        page.route("**/v1/ask", cited)
+        page.fill("#query", "what do people say about coffee?")
+        page.click('.mode[data-mode="ask"]')
+        expect(page.locator("#answer-text")).to_contain_text("From [1] and [9]: ")
+        expect(page.locator("#search-summary")).to_contain_text('searched: "coffee"')
+        expect(page.locator("#post-1 .n")).to_have_text("[1]")
+        expect(page.locator("#post-1 .cited")).to_have_text("cited")
+        expect(page.locator("#answer-text a.cite")).to_have_text(["1"])  # [9] names no post: not a link
+        page.click("#answer-text a.cite")
+        expect(page.locator("#post-1")).to_have_class("post flash")
+        page.screenshot(path=str(ARTIFACTS / "web_ask.png"))
     finally:
         live.stop()

@@ -5,6 +5,8 @@
     POST /v1/chat/completions    chat, plain or streamed (SSE: chat.completion.chunk ... data: [DONE])
     POST /v1/completions         raw continuation of a prompt, plain or streamed
     POST /v1/embeddings          mean-pooled final hidden states, L2-normalised (float or base64)
+    POST /v1/search              posts from the search index (myna serve --index), Top or Latest
+    POST /v1/ask                 an answer from the posts a search finds, citing them as [1], [2]
     GET  /                       the web page (myna/serve/web)
 
 Requests, responses and errors follow OpenAI's shapes (myna/serve/protocol.py), so its clients work unchanged.
@@ -56,6 +58,7 @@ from myna.infer.engine import Request as EngineRequest
 from myna.moderation import Policy, Report, StreamGuard, moderate_exchange
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
+from myna.search.ask import Answer, AskPrompt
 from myna.serve.config import ServeConfig
 from myna.serve.protocol import (
     CHAT_FIELDS,
@@ -82,6 +85,7 @@ from myna.serve.protocol import (
     token_ids,
     usage,
 )
+from myna.serve.search import Question, Searcher, answer_body, question_of
 from myna.template import prompt_budget, render_prompt, turn_stop_ids
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -118,6 +122,7 @@ class Server:
         self.model_id = self.run_dir.name
         self.aliases = {self.model_id, self.checkpoint.name, f"{self.model_id}/{self.checkpoint.name}"}
         self.created = int(self.checkpoint.stat().st_mtime)
+        self.searcher = Searcher(config.index, self.checkpoint) if config.index is not None else None
         self.status, self.error = "loading", ""
         self.engine: Engine | None = None
         self.loaded: Loaded | None = None
@@ -132,6 +137,8 @@ class Server:
             loaded = load_model(self.checkpoint, self.config.device)
             if self.on_load is not None:
                 self.on_load(loaded)
+            if self.searcher is not None:
+                self.searcher.attach(loaded)
             # by default every admitted request decodes in the same batch
             max_batch = self.config.max_batch or self.config.max_concurrency
             self.engine = Engine(
@@ -202,6 +209,7 @@ class Server:
             "max_concurrency": self.config.max_concurrency,
             "cancelled_requests": self.cancelled,
             "served_requests": self.served,
+            "search": self.searcher.describe() if self.searcher else None,
         }
 
 
@@ -343,6 +351,24 @@ def _embedding_inputs(value, tok, max_len: int) -> list[list[int]]:
 async def moderate(server: Server, prompt_text: str, reply: str) -> Report:
     # the prompt is checked again with the reply, and it may be long
     return await asyncio.to_thread(moderate_exchange, server.policy, prompt_text, reply)
+
+
+@dataclass
+class Asking:
+    """A /v1/ask request checked, its question moderated, and (unless the policy refused it) its prompt written."""
+
+    question: Question
+    report: Report  # moderation of the question
+    prompt: AskPrompt | None  # None when the policy refused the question: nothing is searched or generated
+
+
+def prepare_ask(server: Server, raw: bytes) -> Asking:
+    question = question_of(parse_json(raw))
+    report = moderate_exchange(server.policy, question.text)
+    if report.blocked:
+        return Asking(question, report, None)
+    prompt = server.searcher.prompt(question, server.loaded.tokenizer, server.max_len)
+    return Asking(question, report, prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,6 +604,53 @@ async def embeddings(request: Request, job: Admitted) -> JSONResponse:
     return JSONResponse(response)
 
 
+def searchable(request: Request) -> None:
+    if server_of(request).searcher is None:
+        raise APIError(
+            404,
+            "this server was started without --index: /v1/search and /v1/ask need a search index "
+            "(build one with `myna index build`, then `myna serve --index INDEX`)",
+            code="search_not_enabled",
+        )
+
+
+@v1.post("/search", dependencies=[Depends(searchable)])
+async def search_posts(request: Request, job: Admitted) -> JSONResponse:
+    server = server_of(request)
+    response = await asyncio.to_thread(lambda: server.searcher.search(parse_json(job.body)))
+    server.served += 1
+    return JSONResponse(response)
+
+
+@v1.post("/ask", dependencies=[Depends(searchable)])
+async def ask_posts(request: Request, job: Admitted) -> Response:
+    """Retrieval off the event loop, then the answer generated in the engine's shared batch as a chat reply is,
+    with the same limits, cancellation and moderation of the question and of the answer."""
+    server = server_of(request)
+    asking = await asyncio.to_thread(prepare_ask, server, job.body)
+    question, report, prompt = asking.question, asking.report, asking.prompt
+    if prompt is None:
+        refused = Answer(question.text, "", report.message, [], finish_reason="content_filter")
+        return JSONResponse(answer_response(server, refused, usage(0, 0), report))
+    job.submit(prompt.ids, prompt.params)
+    completion = await _finished(request, job)
+    if completion is None:  # nobody is listening
+        return Response(status_code=499)
+    report = await moderate(server, question.text, completion.text)
+    answer = prompt.answer(completion.text, completion.finish_reason)
+    if report.blocked:  # the posts stay: they are what /v1/search shows; the model's words are withheld
+        answer.text, answer.cited, answer.finish_reason = report.message, [], "content_filter"
+    server.served += 1
+    counts = usage(completion.prompt_tokens, completion.completion_tokens)
+    return JSONResponse(answer_response(server, answer, counts, report))
+
+
+def answer_response(server: Server, answer: Answer, counts: dict, report: Report) -> dict:
+    head = {"id": f"ask-{uuid.uuid4().hex}", "object": "search.answer", "created": int(time.time())}
+    body = {**head, "model": server.model_id, **answer_body(answer), "usage": counts}
+    return {**body, "myna": {"moderation": report.to_dict()}}
+
+
 async def api_error(request: Request, e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.status, e.message, e.code, e.param), e.status, headers=e.headers)
 
@@ -689,6 +762,8 @@ async def lifespan(app: FastAPI):
     yield
     if server.engine is not None:
         server.engine.close()
+    if server.searcher is not None:
+        server.searcher.close()
 
 
 def create_app(
@@ -716,7 +791,14 @@ def serve(ckpt: str | Path, config: ServeConfig) -> None:
     app = create_app(ckpt, config)
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{config.port}"
-    log(f"[bold]myna serve[/bold]: {app.state.server.model_id} at {url}/ (web chat), API base {url}/v1")
+    server = app.state.server
+    log(f"[bold]myna serve[/bold]: {server.model_id} at {url}/ (web chat), API base {url}/v1")
+    if server.searcher is not None:
+        search = server.searcher.describe()
+        how = {"served": "the served model", "own": "the index's own model", None: "none: lexical only"}
+        log(
+            f"serve: search over {search['posts']:,} posts in {config.index} (embedder: {how[search['embedder']]})"
+        )
     if config.api_key is None and not host_allowed(host, frozenset()):
         log(
             f"[yellow]serve: listening on {config.host} without --api-key: anyone who reaches it can use the "

@@ -1,6 +1,7 @@
 """`myna serve`'s settings: create_app and serve take them, and the command's flags default to them."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from myna.moderation import Policy
 
@@ -20,6 +21,7 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds for a request's headers to arrive, or the connection is closed
     policy: Policy | None = None  # moderation: a JSON/TOML file, 'default' or 'off'; None: Policy.default()
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1 ...
+    index: Path | None = None  # a search index (myna index build) for /v1/search, /v1/ask and the Search tab
     compile: bool = False  # torch.compile the decode step: a warm-up of seconds, then faster tokens (README)
     log_level: str = "info"  # uvicorn's
 

@@ -1,6 +1,7 @@
 "use strict";
 // Myna's web page. The chat tab talks to this server's own /v1/chat/completions (OpenAI's API), streamed as
 // Server-Sent Events read from fetch(). Conversations and settings live in this browser's localStorage only.
+// The Search tab is search.js, loaded after this file.
 
 const STORE = "myna.chat.v1"; // {conversations: [...], current: id}
 const SETTINGS = "myna.settings.v1";
@@ -8,7 +9,7 @@ const DEFAULTS = { temperature: 0.8, top_p: 0.95, top_k: 50, repetition_penalty:
 const NUMBERS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed"];
 
 const $ = (id) => document.getElementById(id);
-const state = { conversations: [], current: null, settings: { ...DEFAULTS }, model: null, streaming: null };
+const state = { conversations: [], current: null, settings: { ...DEFAULTS }, model: null, health: null, streaming: null };
 
 // ---- tabs: a button [data-tab=NAME] shows the section #tab-NAME -------------------------------------------------
 
@@ -285,6 +286,7 @@ async function checkHealth() {
     const response = await fetch("health");
     const health = await response.json();
     state.model = health.model;
+    state.health = health; // search.js reads whether the server has a search index
     if (health.status === "loading") {
       $("status").textContent = `loading ${health.model}…`;
       setTimeout(checkHealth, 1000);
