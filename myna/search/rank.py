@@ -14,11 +14,9 @@ Latest: every post that matches the terms and operators, newest first.
 import math
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from myna.search.index import Embedder, SearchIndex, SearchIndexError
 from myna.search.query import Phrase, Query, parse
-from myna.search.terms import terms
+from myna.search.terms import term_spans
 
 
 @dataclass
@@ -150,21 +148,19 @@ def dense_text(q: Query) -> str:
 def dense(index: SearchIndex, q: Query, embedder: Embedder, limit: int) -> list[tuple[int, float]]:
     """(rowid, cosine) best first among the posts that pass the query's hard constraints."""
     vec = embedder([dense_text(q)])[0]
-    scores = index.vectors @ vec
     where, args = sql_filters(q)
     excl, eargs = _exclusions(q)
     hard = fts_expression(q, hard_only=True)
     constrained = where != "1" or q.must_not or hard
     fetch = limit * 4 if constrained else limit
     while True:  # widen the net until enough candidates pass the constraints, or all were seen
-        k = min(fetch, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        rowids = [int(i) + 1 for i in top[np.argsort(-scores[top])]]
+        rowids, scores = index.vector_index.search(vec, fetch)
+        found = list(zip(rowids.tolist(), scores.tolist(), strict=True))
         if constrained:
-            keep = _passing(index, rowids, where, args, excl, eargs, hard)
-            rowids = [r for r in rowids if r in keep]
-        if len(rowids) >= limit or k == len(scores):
-            return [(r, float(scores[r - 1])) for r in rowids[:limit]]
+            keep = _passing(index, [r for r, _ in found], where, args, excl, eargs, hard)
+            found = [(r, s) for r, s in found if r in keep]
+        if len(found) >= limit or fetch >= len(index.vectors):
+            return found[:limit]
         fetch *= 4
 
 
@@ -260,21 +256,13 @@ def highlight(text: str, q: Query) -> list[list[int]]:
     if not wanted:
         return []
     spans = []
-    for start, end in _word_spans(text):
-        if set(terms(text[start:end])) & wanted:
+    for start, end, found in term_spans(text):
+        found = set(found) | {
+            t[1:] for t in found if t[0] == "#"
+        }  # a word matches a hashtag's word, as indexed
+        if found & wanted:
             spans.append([start, end])
     return spans
-
-
-def _word_spans(text: str):
-    start = None
-    for i, ch in enumerate(text + " "):
-        if ch.isspace() or ch in ",.;:!?()\"'":
-            if start is not None:
-                yield start, i
-                start = None
-        elif start is None:
-            start = i
 
 
 def search(

@@ -57,3 +57,13 @@ def terms(text: str) -> list[str]:
         elif kind == "other" and is_emoji(tok):
             out.append(tok)
     return out
+
+
+def term_spans(text: str) -> list[tuple[int, int, list[str]]]:
+    """(start, end, terms) of each piece of the text that yields search terms, in the text's own characters (for
+    highlighting: a link yields none, so `python.org` in a URL is not a match for python)."""
+    out = []
+    for m in _TOKEN.finditer(text):
+        if m.lastgroup != "url" and (found := terms(m.group())):
+            out.append((m.start(), m.end(), found))
+    return out
