@@ -204,7 +204,7 @@ def social_score(post: dict, text: float, now: int | None, s: RankSettings) -> t
         "link": s.w_link * post["has_link"],
     }
     linear = sum(parts.values())
-    decay = 1.0
+    decay = s.decay_floor  # a post of unknown age is not fresh: it never outranks dated posts by its age
     if now is not None and post["created_at"] is not None:
         age_hours = max(now - post["created_at"], 0) / 3600
         decay = s.decay_floor + (1 - s.decay_floor) * 0.5 ** (age_hours / s.half_life_hours)
