@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import myna
 
 from myna.infer.engine import Engine
 from myna.runs import load_model
 from myna.search import index as search_index
+from myna.search import rank, vectors
 from myna.search.ask import ask, check_citations, messages, question_query
 from myna.search.index import SearchIndex, SearchIndexError, load_embedder, write_index
 from myna.search.query import QueryError, parse
@@ -238,7 +240,10 @@ def test_rank_settings_change_the_order(opened):
     assert [h.parts["bm25"]["rank"] for h in by_text.hits[:3]] == [1, 2, 3]
 
 
-def test_add_skips_known_posts_and_counts_rejects(built: Path, tmp_path: Path):
+def test_add_skips_known_posts_and_counts_rejects(built: Path, opened, tmp_path: Path):
+    """An add skips what the index has and counts bad records; an index opened before it (as a server holds
+    one) finds the new post at its next query, lexically, densely and under the in-memory filters."""
+    idx, embedder = opened
     bad = tmp_path / "more.jsonl"
     good = {"id": "n1", "text": "a brand new post about #python", "author_id": "zed"}
     bad.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(POST_P1) + "\n", encoding="utf-8")
@@ -248,6 +253,11 @@ def test_add_skips_known_posts_and_counts_rejects(built: Path, tmp_path: Path):
     assert sum(v for k, v in counts.items() if k.startswith("rejected")) == 1
     assert SearchIndex.open(built).size == before + 1
     assert "more.jsonl" in (built / "rejects.jsonl").read_text(encoding="utf-8")
+
+    assert "n1" in ids(search(idx, "brand new -filter:links", embedder=embedder))
+    assert idx.size == len(idx.vectors) == len(idx.signals.likes) == before + 1
+    densely = rank.dense(idx, parse("a brand new post about python -filter:replies"), embedder, idx.size)
+    assert idx.size in {r for r, _ in densely}
 
 
 POST_P1 = {"id": "p1", "text": "dup"}
@@ -358,3 +368,68 @@ def test_hashtag_relevance_tasks_and_metrics(tmp_path: Path):
     assert (
         set(scores) == {"bm25"} and 0 <= scores["bm25"]["ndcg@10"] < 1 and scores["bm25"]["recall@100"] == 0
     )
+
+
+def test_approximate_vector_index_recall_and_constraints(built: Path, opened, monkeypatch):
+    """The IVF path, forced on the small index: recall@10 against exact search, and dense retrieval under
+    constraints (widening through the lists, and scoring the few posts a selective query allows) returns only
+    posts that pass them, as many as exact search does."""
+    _, embedder = opened
+    monkeypatch.setattr(vectors, "POSTS_PER_LIST", 64)  # some 70 lists of the ~4,500 posts
+    idx = SearchIndex.open(built)
+    exact = idx.vector_index
+    approximate = vectors.VectorIndex(idx.vectors, approximate_from=1000)
+    assert exact.ivf is None and approximate.ivf is not None and approximate.ivf.nlist > 40
+    texts = [p["text"] for p in idx.rows(range(1, idx.size + 1, 97)).values()]
+    recall = [
+        len(set(approximate.search(v, 10)[0].tolist()) & set(exact.search(v, 10)[0].tolist())) / 10
+        for v in embedder(texts)
+    ]
+    assert np.mean(recall) >= 0.95
+    deep, _ = approximate.search(embedder(["love"])[0], idx.size)  # past half the lists: exact, all of them
+    assert sorted(deep.tolist()) == list(range(1, idx.size + 1))
+
+    checks = {  # query -> what every post it returns must satisfy
+        "love -filter:replies": lambda p: not p["is_reply"],
+        "love -the": lambda p: "the" not in terms(p["text"]),
+        "python from:alice": lambda p: p["author"] == "alice",
+        "#python": lambda p: "#python" in terms(p["text"]),
+    }
+    monkeypatch.setattr(rank, "FEW_ALLOWED", 3)  # the first two widen through the IVF lists
+    for text, passes in checks.items():
+        found = {}
+        for name, backend in (("exact", exact), ("approximate", approximate)):
+            idx.vector_index = backend
+            found[name] = rank.dense(idx, parse(text), embedder, 50)
+        rows = idx.rows(r for r, _ in found["approximate"])
+        assert all(passes(rows[r]) for r, _ in found["approximate"]), text
+        assert len(found["approximate"]) == len(found["exact"]), text
+        overlap = {r for r, _ in found["approximate"][:10]} & {r for r, _ in found["exact"][:10]}
+        assert len(overlap) >= 0.8 * min(10, len(found["exact"])), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "since:2024-03-02",
+        "until:2024-03-02",
+        "since:2024-03-01 until:2024-03-03",
+        "lang:ja",
+        "lang:xx",
+        "min_faves:2 min_retweets:1",
+        "min_replies:3",
+        "filter:replies",
+        "-filter:replies -filter:links",
+        "filter:links since:2013-06-01",
+    ],
+)
+def test_signals_mask_is_what_sql_filters_select(opened, text):
+    """The in-memory filters dense retrieval uses select exactly the posts the SQL filters do (undated posts,
+    and languages the index has never seen, included)."""
+    idx, _ = opened
+    idx.refresh()  # another test may have added a post since it was opened
+    q = parse(text)
+    where, args = rank.sql_filters(q)
+    by_sql = {r[0] for r in idx.db.execute(f"SELECT p.rowid FROM posts p WHERE {where}", args)}
+    by_mask = set((np.flatnonzero(idx.signals.mask(q.filters)) + 1).tolist())
+    assert by_mask == by_sql and 0 < len(by_sql) < idx.size or text == "lang:xx" and not by_sql

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from myna.data import readers
 from myna.data.clean import normalise
 from myna.data.schema import Reject
 from myna.progress import Progress, log
+from myna.search.signals import Signals
 from myna.search.terms import terms
+from myna.search.vectors import VectorIndex
 
 FORMAT = 1
 DB_NAME = "index.sqlite"
@@ -193,6 +196,27 @@ class SearchIndex:
         self.db = db
         self.meta = meta
         self.vectors = vectors  # [N, dim] float32, row i = post rowid i + 1; None for a lexical-only index
+        self.vector_index = None if vectors is None else VectorIndex(vectors)  # exact, or IVF when large
+        self.signals = Signals(db, self.size)  # what since:, min_faves: and the like test, in memory
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Take in the posts a `myna index add` committed since this index was read (a server stays open across
+        adds): their vectors join the vector index, the signals are read again. Queries call it first."""
+        posts = json.loads(self.db.execute("SELECT value FROM meta WHERE key='posts'").fetchone()[0])
+        if posts == self.size:
+            return
+        with self._lock:
+            if posts == self.size:
+                return
+            old = self.size
+            meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+            new = _load_vectors(self.db, meta, self.path / DB_NAME, start=old + 1)
+            if new is not None:
+                self.vectors = np.concatenate([self.vectors, new])
+                self.vector_index.extend(self.vectors)
+            self.signals = Signals(self.db, meta["posts"])
+            self.meta = meta
 
     @property
     def size(self) -> int:
@@ -232,19 +256,21 @@ class SearchIndex:
         return out
 
 
-def _load_vectors(db: sqlite3.Connection, meta: dict, where: Path) -> np.ndarray | None:
+def _load_vectors(db: sqlite3.Connection, meta: dict, where: Path, start: int = 1) -> np.ndarray | None:
+    """The vectors of posts start.. (rowids) to the last, [N, dim] float32; None for a lexical-only index."""
     dim = meta.get("dim")
     if not dim:
         return None
-    parts, expected = [], 1
-    for first, count, data in db.execute("SELECT first, count, data FROM vectors ORDER BY first"):
+    parts, expected = [], start
+    sql = "SELECT first, count, data FROM vectors WHERE first >= ? ORDER BY first"
+    for first, count, data in db.execute(sql, [start]):
         if first != expected or len(data) != count * dim * 2:
             raise SearchIndexError(
                 f"{where}: vectors chunk at row {first} is damaged (expected row {expected})"
             )
         parts.append(np.frombuffer(data, dtype="<f2").reshape(count, dim))
         expected += count
-    if expected - 1 != meta["posts"]:
+    if expected - 1 != meta["posts"]:  # every add writes its posts' vectors as one chunk
         raise SearchIndexError(f"{where}: {expected - 1} vectors for {meta['posts']} posts")
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
 

@@ -14,6 +14,8 @@ Latest: every post that matches the terms and operators, newest first.
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from myna.search.index import Embedder, SearchIndex, SearchIndexError
 from myna.search.query import Phrase, Query, parse
 from myna.search.terms import term_spans
@@ -35,6 +37,13 @@ class RankSettings:
     half_life_hours: float = 6.0  # Earlybird's default age half-life (360 minutes)
     decay_floor: float = 0.5  # old posts keep half their score: archives must stay searchable, not only news
     max_run: int = 2  # Earlybird's limit of consecutive results by one author
+
+
+MAX_RANKED = (
+    1000  # BM25 ranks a query's most recently indexed matches, this many: each costs FTS5 microseconds
+)
+FEW_RANKED = 32  # FTS5 scores a set of posts given by rowid at about a millisecond each
+FEW_ALLOWED = 10_000  # dense search scores the posts a query's constraints allow when they are this few
 
 
 @dataclass
@@ -83,7 +92,8 @@ def fts_expression(q: Query, hard_only: bool = False) -> str | None:
     return expr
 
 
-def sql_filters(q: Query) -> tuple[str, list]:
+def sql_filters(q: Query, people_only: bool = False) -> tuple[str, list]:
+    """SQL over `posts p` for the query's filters; people_only: from: and to: alone (Signals tests the rest)."""
     f, where, args = q.filters, [], []
     if f.from_users:
         where.append(f"p.author IN ({','.join('?' * len(f.from_users))})")
@@ -91,6 +101,8 @@ def sql_filters(q: Query) -> tuple[str, list]:
     if f.to_users:
         where.append(f"p.to_user IN ({','.join('?' * len(f.to_users))})")
         args += f.to_users
+    if people_only:
+        return " AND ".join(where) or "1", args
     if f.since:
         where.append("p.created_at >= ?")
         args.append(int(f.since.timestamp()))
@@ -130,16 +142,48 @@ def lexical(index: SearchIndex, q: Query, limit: int, latest: bool = False) -> l
         excl, eargs = _exclusions(q)
         sql = f"SELECT p.rowid, 0.0 FROM posts p WHERE {where} AND {excl} ORDER BY p.created_at DESC LIMIT ?"
         return index.db.execute(sql, [*args, *eargs, limit]).fetchall()
-    if where == "1" and not latest:
-        sql = "SELECT rowid, rank FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?"
-        return index.db.execute(sql, [expr, limit]).fetchall()
+    if not latest and (found := _people_first(index, q, expr, where, args, limit)) is not None:
+        return found
+    if not latest:
+        # FTS5 walks the matches newest first, the filters drop some, and BM25 scores only the first MAX_RANKED
+        # left: ORDER BY rank alone would score every match (a second for a common word at 1M posts)
+        join = "" if where == "1" else "JOIN posts p ON p.rowid = f.rowid "
+        sql = (
+            f"SELECT r, s FROM (SELECT f.rowid AS r, f.rank AS s FROM fts f {join}WHERE fts MATCH ? AND {where} "
+            "ORDER BY f.rowid DESC LIMIT ?) ORDER BY s LIMIT ?"
+        )
+        return index.db.execute(sql, [expr, *args, MAX_RANKED, limit]).fetchall()
     # MATERIALIZED keeps the MATCH on the FTS index instead of letting the join turn it into a scan
-    order = "p.created_at DESC" if latest else "m.s"
     sql = (
         "WITH m AS MATERIALIZED (SELECT rowid, rank AS s FROM fts WHERE fts MATCH ?) "
-        f"SELECT m.rowid, m.s FROM m JOIN posts p ON p.rowid = m.rowid WHERE {where} ORDER BY {order} LIMIT ?"
+        f"SELECT m.rowid, m.s FROM m JOIN posts p ON p.rowid = m.rowid WHERE {where} "
+        "ORDER BY p.created_at DESC LIMIT ?"
     )
     return index.db.execute(sql, [expr, *args, limit]).fetchall()
+
+
+def _people_first(index: SearchIndex, q: Query, expr: str, where: str, args: list, limit: int):
+    """from:/to: someone whose posts match few times: those posts, by intersecting rowid sets, then ranked. Walking
+    a common word's matches newest first, each joined to its post, took 50 ms at 1M posts to find a handful.
+    None when the query has no from:/to: or the intersection is not small."""
+    if not (q.filters.from_users or q.filters.to_users):
+        return None
+    theirs = {
+        r[0]
+        for r in index.db.execute(
+            f"SELECT p.rowid FROM posts p WHERE {where} LIMIT ?", [*args, FEW_ALLOWED + 1]
+        )
+    }
+    if len(theirs) > FEW_ALLOWED:
+        return None
+    both = [
+        r[0] for r in index.db.execute("SELECT rowid FROM fts WHERE fts MATCH ?", [expr]) if r[0] in theirs
+    ]
+    if len(both) > FEW_RANKED:
+        return None
+    marks = ",".join("?" * len(both))
+    sql = f"SELECT rowid, rank FROM fts WHERE fts MATCH ? AND rowid IN ({marks}) ORDER BY rank LIMIT ?"
+    return index.db.execute(sql, [expr, *both, limit]).fetchall()
 
 
 def dense_text(q: Query) -> str:
@@ -149,34 +193,77 @@ def dense_text(q: Query) -> str:
 def dense(index: SearchIndex, q: Query, embedder: Embedder, limit: int) -> list[tuple[int, float]]:
     """(rowid, cosine) best first among the posts that pass the query's hard constraints."""
     vec = embedder([dense_text(q)])[0]
-    where, args = sql_filters(q)
-    excl, eargs = _exclusions(q)
+    mask = index.signals.mask(q.filters)  # since:, min_faves: and the like, tested inside the vector search
+    where, args = sql_filters(q, people_only=True)
     hard = fts_expression(q, hard_only=True)
+    few = _allowed(index, q, where, args, hard, mask)
+    if few is not None:
+        rowids, scores = index.vector_index.among(vec, few, limit)  # the few posts allowed, scored exactly
+        return list(zip(rowids.tolist(), scores.tolist(), strict=True))
     constrained = where != "1" or q.must_not or hard
+    # the posts that match the tags and phrases, and those that match an exclusion, read once: FTS5 is slow to
+    # test one post at a time against a common word
+    required = _matching(index, hard)
+    excluded = _matching(index, " OR ".join(_fts_phrase(p) for p in q.must_not)) or set()
     fetch = limit * 4 if constrained else limit
     while True:  # widen the net until enough candidates pass the constraints, or all were seen
-        rowids, scores = index.vector_index.search(vec, fetch)
+        rowids, scores = index.vector_index.search(vec, fetch, allowed=mask)
         found = list(zip(rowids.tolist(), scores.tolist(), strict=True))
         if constrained:
-            keep = _passing(index, [r for r, _ in found], where, args, excl, eargs, hard)
+            keep = _passing(index, [r for r, _ in found], where, args, required, excluded)
             found = [(r, s) for r, s in found if r in keep]
         if len(found) >= limit or fetch >= len(index.vectors):
             return found[:limit]
         fetch *= 4
 
 
-def _passing(index: SearchIndex, rowids: list[int], where, args, excl, eargs, hard) -> set[int]:
+def _allowed(
+    index: SearchIndex, q: Query, where: str, args: list, hard: str | None, mask
+) -> list[int] | None:
+    """Every post that passes the constraints when at most FEW_ALLOWED do, else None: a search for a tag, a
+    mention or one author's posts scores the few it allows, where widening would walk most of the index."""
+    if mask is not None and mask.sum() <= FEW_ALLOWED:
+        rowids = np.flatnonzero(mask) + 1
+        if where != "1":
+            rowids = _passing(index, rowids.tolist(), where, args, None, set())
+        excluded = _matching(index, " OR ".join(_fts_phrase(p) for p in q.must_not)) or set()
+        required = _matching(index, hard)
+        return [int(r) for r in rowids if r not in excluded and (required is None or r in required)]
+    if where == "1" and not hard:
+        return None
+    excl, eargs = _exclusions(q)
+    if hard and where == "1" and excl == "1":
+        sql, params = "SELECT rowid FROM fts WHERE fts MATCH ? LIMIT ?", [hard]
+    elif hard:
+        sql = (
+            "WITH m AS MATERIALIZED (SELECT rowid FROM fts WHERE fts MATCH ?) "
+            f"SELECT p.rowid FROM m JOIN posts p ON p.rowid = m.rowid WHERE {where} AND {excl} LIMIT ?"
+        )
+        params = [hard, *args, *eargs]
+    else:
+        sql, params = f"SELECT p.rowid FROM posts p WHERE {where} AND {excl} LIMIT ?", [*args, *eargs]
+    rowids = [r[0] for r in index.db.execute(sql, [*params, FEW_ALLOWED + 1])]
+    if len(rowids) > FEW_ALLOWED:
+        return None
+    return rowids if mask is None else [r for r in rowids if r <= len(mask) and mask[r - 1]]  # r: added since
+
+
+def _matching(index: SearchIndex, expr: str | None) -> set[int] | None:
+    if not expr:
+        return None
+    return {r[0] for r in index.db.execute("SELECT rowid FROM fts WHERE fts MATCH ?", [expr])}
+
+
+def _passing(index: SearchIndex, rowids: list[int], where, args, required, excluded) -> set[int]:
+    rowids = [r for r in rowids if r not in excluded and (required is None or r in required)]
+    if where == "1":
+        return set(rowids)
     keep: set[int] = set()
     for start in range(0, len(rowids), 500):
         chunk = rowids[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        sql = f"SELECT p.rowid FROM posts p WHERE p.rowid IN ({marks}) AND {where} AND {excl}"
-        found = {r[0] for r in index.db.execute(sql, [*chunk, *args, *eargs])}
-        if hard and found:
-            marks = ",".join("?" * len(found))
-            sql = f"SELECT rowid FROM fts WHERE fts MATCH ? AND rowid IN ({marks})"
-            found = {r[0] for r in index.db.execute(sql, [hard, *found])}
-        keep |= found
+        sql = f"SELECT p.rowid FROM posts p WHERE p.rowid IN ({marks}) AND {where}"
+        keep.update(r[0] for r in index.db.execute(sql, [*chunk, *args]))
     return keep
 
 
@@ -209,8 +296,7 @@ def social_score(post: dict, text: float, now: int | None, s: RankSettings) -> t
     if now is not None and post["created_at"] is not None:
         age_hours = max(now - post["created_at"], 0) / 3600
         decay = s.decay_floor + (1 - s.decay_floor) * 0.5 ** (age_hours / s.half_life_hours)
-    parts = {k: round(v, 4) for k, v in parts.items()}
-    parts["age_decay"] = round(decay, 4)
+    parts["age_decay"] = decay
     return linear * decay, parts
 
 
@@ -237,10 +323,11 @@ def collapse_reposts(index: SearchIndex, hits: list[Hit]) -> list[Hit]:
     return out
 
 
-def diversify(hits: list[Hit], max_run: int) -> list[Hit]:
-    """Reorder so that no more than max_run results in a row share an author (later ones wait their turn)."""
+def diversify(hits: list[Hit], max_run: int, limit: int | None = None) -> list[Hit]:
+    """Reorder so that no more than max_run results in a row share an author (later ones wait their turn); the
+    first `limit` of that order."""
     out, waiting = [], list(hits)
-    while waiting:
+    while waiting and (limit is None or len(out) < limit):
         tail = [h.post["author"] for h in out[-max_run:]]
         blocked = tail[0] if len(tail) == max_run and tail[0] is not None and len(set(tail)) == 1 else None
         pick = next(
@@ -278,6 +365,7 @@ def search(
         raise SearchIndexError(f"order: expected 'top' or 'latest', got {order!r}")
     s = settings or RankSettings()
     q = parse(text)
+    index.refresh()
     if order == "latest":
         ranked = lexical(index, q, limit, latest=True)
         rows = index.rows(r for r, _ in ranked)
@@ -298,7 +386,11 @@ def search(
         text_score = entry["rrf"] / best if q.has_text else 0.0
         score, parts = social_score(post, text_score, now, s)
         parts.update({k: v for k, v in entry.items() if k != "rrf"}, rrf=round(entry["rrf"], 6))
-        hits.append(Hit(rowid, post, round(score, 4), parts, highlight(post["text"], q)))
+        hits.append(Hit(rowid, post, score, parts))
     hits.sort(key=lambda h: -h.score)
-    hits = diversify(collapse_reposts(index, hits), s.max_run)[:limit]
+    hits = diversify(collapse_reposts(index, hits), s.max_run, limit)
+    for h in hits:  # the page's hits only: marking and rounding every candidate was a third of a query's time
+        h.highlights = highlight(h.post["text"], q)
+        h.score = round(h.score, 4)
+        h.parts = {k: round(v, 4) if isinstance(v, float) and k != "rrf" else v for k, v in h.parts.items()}
     return Results(text, order, hits, len(fused), list(lists))
