@@ -71,7 +71,8 @@ class VectorIndex:
     def among(self, query: np.ndarray, rowids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """search() restricted to the given rowids, exactly."""
         rows = np.asarray(rowids, dtype=np.int64) - 1
-        rows = rows[rows < len(self.vectors)]  # a post added after the vectors were read is not among them yet
+        # a post added after the vectors were read is not among them yet
+        rows = rows[rows < len(self.vectors)]
         scores = self.vectors[rows] @ query
         top = _top(scores, min(k, len(rows)))
         return rows[top] + 1, scores[top]
