@@ -557,6 +557,23 @@ def dpo_parser(sp: argparse.ArgumentParser) -> None:
     train_parser(dpo, ["base", "data", "out", "steps", "beta", "resume", "parallel"])(sp)
 
 
+def embed_tune_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.train.embed_tune import embed_tune
+
+    names = [
+        "ckpt",
+        "data",
+        "out",
+        "steps",
+        "batch_pairs",
+        "temperature",
+        "lm_weight",
+        "max_tag_posts",
+        "resume",
+    ]
+    train_parser(embed_tune, names)(sp)
+
+
 def sampling_flags(sp: argparse.ArgumentParser, max_tokens: int) -> None:
     """generate's and chat's decoding flags: SamplingParams with the defaults of a chat model's CLI."""
     from myna.infer.engine import SamplingParams
@@ -781,6 +798,10 @@ VERBS = {
     "pretrain": ("train a GPT on token shards (run under torchrun for several GPUs)", pretrain_parser),
     "sft": ("supervised fine-tuning on dialogues (loss on assistant turns only)", sft_parser),
     "dpo": ("Direct Preference Optimisation on engagement pairs against the SFT model", dpo_parser),
+    "embed-tune": (
+        "teach a run to embed posts (contrastive pairs from the data; it still chats)",
+        embed_tune_parser,
+    ),
     "generate": ("complete a raw prompt (or one chat turn with --chat)", generate_parser),
     "chat": ("chat with a model in the terminal (streamed; /reset, /system, /temperature)", chat_parser),
     "serve": ("OpenAI-compatible API and the web chat page", serve_parser),

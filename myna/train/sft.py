@@ -188,29 +188,18 @@ class PackedLoader:
         return tuple(torch.from_numpy(np.stack(parts)).to(self.device) for parts in zip(*rows, strict=True))
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.stream.epoch,
-            "pos": self.stream.pos,
-            "seq_len": self.seq_len,
-            "shuffle_seed": self.shuffle_seed,
-            "examples": lengths_fingerprint(self.lengths),
-        }
+        return self.stream.state_dict(**self._settings())
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {
+        self.stream.load_state_dict(state, "resume with the same --data and seq_len", **self._settings())
+
+    def _settings(self) -> dict:
+        """What a saved position is valid under."""
+        return {
             "seq_len": self.seq_len,
             "shuffle_seed": self.shuffle_seed,
             "examples": lengths_fingerprint(self.lengths),
         }
-        theirs = {k: state.get(k) for k in mine}
-        if theirs != mine:
-            raise ValueError(
-                f"loader state was taken over other data or settings (saved {theirs}, now {mine}): "
-                "resume with the same --data and seq_len"
-            )
-        self.stream.epoch, self.stream.pos = state["epoch"], state["pos"]
-        if self.stream.pos >= len(self.stream.items(self.stream.epoch)):
-            raise ValueError(f"loader state points past its epoch: {state}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,21 @@ class EpochStream:
                 raise ValueError("an epoch with no items")
         return self._items[epoch]
 
+    def state_dict(self, **settings) -> dict:
+        """The position in the stream, with the settings (data fingerprint, seed, ...) it is valid under."""
+        return {"epoch": self.epoch, "pos": self.pos, **settings}
+
+    def load_state_dict(self, state: dict, hint: str, **settings) -> None:
+        """Continue from a state_dict taken under the same settings; else a ValueError ending with `hint`."""
+        theirs = {k: state.get(k) for k in settings}
+        if theirs != settings:
+            raise ValueError(
+                f"loader state was taken over other data or settings (saved {theirs}, now {settings}): {hint}"
+            )
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        if self.pos >= len(self.items(self.epoch)):
+            raise ValueError(f"loader state points past its epoch: {state}")
+
     def take(self, n: int) -> list:
         out = []
         for _ in range(n):

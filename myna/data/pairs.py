@@ -1,0 +1,127 @@
+"""Pairs of texts that belong together, mined from a prepared data directory, for contrastive embedding training.
+
+Four kinds, each within one split (a pair whose two posts fall on different sides is left out and counted):
+    reply     a post and its reply (in_reply_to_id -> id within corpus.parquet)
+    dialogue  two consecutive user/assistant turns of a dialogue in dialogues.jsonl (a post and its reply, as the
+              reply trees and conversation files gave them)
+    hashtag   two posts that share a rare hashtag (carried by 2..max_tag_posts posts of the split), with that
+              hashtag removed from both texts, so the pair must be matched by what the posts say
+    quote     a quote and the post it quotes (quoted_id -> id)
+
+Every pair carries a group (the thread, dialogue, hashtag or quoted post it came from): pairs of one group are
+related, so a batch holds at most one of them and no text twice, and none of its negatives is a hidden positive.
+Hashtags come from the `hashtags` column and, for sources that carry none (plain text, CSV), from the text itself.
+Nothing here imports torch.
+"""
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+KINDS = ("reply", "dialogue", "hashtag", "quote")
+CORPUS_COLUMNS = ["id", "text", "in_reply_to_id", "quoted_id", "hashtags", "split"]
+# a hashtag as written in a post: '#' not inside a word or an HTML entity, then a word with at least one letter
+HASHTAG = re.compile(r"(?<![\w&])#(\w*[^\W\d_]\w*)")
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str
+    b: str
+    kind: str  # one of KINDS
+    group: str  # what the pair came from; pairs of one group never share a batch
+
+
+def text_key(text: str) -> str:
+    """Two texts with the same key are the same text (case and spacing aside)."""
+    return " ".join(text.casefold().split())
+
+
+def hashtags_of(text: str, listed: list[str] | None) -> set[str]:
+    """A post's hashtags, case-folded, without '#': the listed ones and those written in the text."""
+    return {t.casefold() for t in listed or []} | {t.casefold() for t in HASHTAG.findall(text)}
+
+
+def remove_hashtag(text: str, tag: str) -> str:
+    """The text without every `#tag` (any case), spacing tidied."""
+    without = re.sub(rf"(?<![\w&])#{re.escape(tag)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return " ".join(without.split())
+
+
+def _usable(a: str, b: str) -> bool:
+    """Both texts hold a word, and they differ: a pair of one text teaches nothing."""
+    return bool(re.search(r"\w", a) and re.search(r"\w", b)) and text_key(a) != text_key(b)
+
+
+def read_corpus(path: Path) -> dict[str, list]:
+    """The columns of corpus.parquet that pairs are mined from."""
+    return pq.read_table(path, columns=CORPUS_COLUMNS).to_pydict()
+
+
+def corpus_pairs(corpus: dict[str, list], max_tag_posts: int) -> tuple[dict[str, list[Pair]], Counter]:
+    """split -> the reply, quote and hashtag pairs of corpus.parquet's columns; and counts of pairs left out
+    because their posts fall on different sides of the split (`cross_split_reply`, `cross_split_quote`)."""
+    ids, texts, splits = corpus["id"], corpus["text"], corpus["split"]
+    row = {post_id: i for i, post_id in enumerate(ids)}
+    pairs: dict[str, list[Pair]] = defaultdict(list)
+    dropped: Counter = Counter()
+    for kind, column in (("reply", "in_reply_to_id"), ("quote", "quoted_id")):
+        for i, other in enumerate(corpus[column]):
+            j = row.get(other) if other else None
+            if j is None or j == i or not _usable(texts[j], texts[i]):
+                continue
+            if splits[i] != splits[j]:
+                dropped[f"cross_split_{kind}"] += 1
+                continue
+            pairs[splits[i]].append(Pair(texts[j], texts[i], kind, f"{kind}:{other}"))
+
+    carriers: dict[tuple[str, str], list[int]] = defaultdict(list)  # (split, tag) -> rows
+    for i, (text, listed) in enumerate(zip(texts, corpus["hashtags"], strict=True)):
+        for tag in hashtags_of(text, listed):
+            carriers[(splits[i], tag)].append(i)
+    for (split, tag), rows in sorted(carriers.items()):
+        if not 2 <= len(rows) <= max_tag_posts:
+            continue
+        rows = sorted(rows, key=lambda i: ids[i])
+        for i, j in zip(rows[0::2], rows[1::2], strict=False):  # disjoint pairs: no post dominates its tag
+            a, b = remove_hashtag(texts[i], tag), remove_hashtag(texts[j], tag)
+            if _usable(a, b):
+                pairs[split].append(Pair(a, b, "hashtag", f"hashtag:{tag}"))
+    return pairs, dropped
+
+
+def dialogue_pairs(dialogues: list[dict], groups: list[str], held_out: list[bool]) -> dict[str, list[Pair]]:
+    """split ("train" / "val") -> consecutive user/assistant turns of each dialogue; `groups[i]` names dialogue
+    i's conversation (branches of one reply tree share it) and `held_out[i]` its side."""
+    pairs: dict[str, list[Pair]] = defaultdict(list)
+    for d, group, val in zip(dialogues, groups, held_out, strict=True):
+        turns = [m for m in d["messages"] if m["role"] in ("user", "assistant")]
+        for first, second in zip(turns, turns[1:], strict=False):
+            a, b = first.get("content"), second.get("content")
+            if (
+                first["role"] != second["role"]
+                and isinstance(a, str)
+                and isinstance(b, str)
+                and _usable(a, b)
+            ):
+                pairs["val" if val else "train"].append(Pair(a, b, "dialogue", f"dialogue:{group}"))
+    return pairs
+
+
+def unique(pairs: list[Pair]) -> list[Pair]:
+    """The pairs without repeats (the same two texts, in either order), in their order."""
+    seen, kept = set(), []
+    for p in pairs:
+        key = frozenset((text_key(p.a), text_key(p.b)))
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
+
+
+def count_kinds(pairs: list[Pair]) -> dict[str, int]:
+    counts = Counter(p.kind for p in pairs)
+    return {kind: counts[kind] for kind in KINDS}
