@@ -171,7 +171,7 @@ def test_search_tab_orders_highlights_explains_and_asks(sft_run, serve_index, pa
         expect(results.first.locator(".author")).to_have_text("@maya")
         expect(results.first.locator("time")).to_have_text("2024-05-01 08:00 UTC")
         expect(results.first.locator(".likes")).to_have_text("♥ 5000")
-        expect(results.first.locator("mark")).to_have_text(["coffee"])
+        expect(results.first.locator("mark")).to_have_text(["coffee", "#coffee"])
         page.click('.mode[data-mode="latest"]')
         expect(results).to_have_count(4)
         assert [li.get_attribute("data-id") for li in results.all()] == ["s4", "s2", "s3", "s1"]
