@@ -42,7 +42,11 @@ def data_flags(sp: argparse.ArgumentParser) -> None:
     from myna.data.dedup import DedupConfig
     from myna.data.pipeline import PrepareConfig
 
-    add_flags(sp, PrepareConfig, ["workers", "vocab_size", "tokenizer_from", "val_fraction", "force"])
+    add_flags(
+        sp,
+        PrepareConfig,
+        ["workers", "vocab_size", "tokenizer_from", "val_fraction", "search_dialogues", "force"],
+    )
     langs = {"languages": "--langs", "detect_language": "--no-lang-id"}
     add_flags(sp, CleanConfig, ["mask_handles", "mask_urls", "languages", "detect_language"], langs)
     near = {"near": "--no-near-dedup", "threshold": "--dedup-threshold"}
@@ -97,7 +101,8 @@ def print_summary(summary: dict) -> None:
     thr, shd = summary["threads"], summary["shards"]
     log(
         f"dialogues: {thr['dialogues_from_threads']:,} from reply trees + {thr['dialogues_from_conversations']:,} "
-        f"from conversation files; preference pairs: {thr['prefs']:,}"
+        f"from conversation files + {thr.get('dialogues_calling_search', 0):,} that call search; "
+        f"preference pairs: {thr['prefs']:,}"
     )
     log(
         f"tokenizer: vocab {summary['tokenizer']['vocab_size']:,}; shards: "
@@ -386,8 +391,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
     set_cpu_threads(_device(args))
     loaded = load_model(args.ckpt, _device(args))
     log(f"loaded {loaded.checkpoint} (step {loaded.step}, {loaded.model.num_params() / 1e6:.1f}M parameters)")
+    tools = {}
+    if args.index:  # the model may call search: its calls run on this index
+        from myna.search.ask import search_tool
+        from myna.search.index import SearchIndex, load_embedder
+        from myna.search.tool import TOOL
+
+        idx = SearchIndex.open(args.index)
+        tools[TOOL] = search_tool(idx, load_embedder(idx.path, idx.meta), loaded.tokenizer)
     with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
-        session = ChatSession(engine, _sampling(args), _policy(args.policy), system=args.system or "")
+        session = ChatSession(engine, _sampling(args), _policy(args.policy), args.system or "", tools)
         run_terminal(session)
 
 
@@ -569,6 +582,7 @@ def embed_tune_parser(sp: argparse.ArgumentParser) -> None:
         "temperature",
         "lm_weight",
         "max_tag_posts",
+        "kinds",
         "resume",
     ]
     train_parser(embed_tune, names)(sp)
@@ -603,6 +617,7 @@ def chat_parser(sp: argparse.ArgumentParser) -> None:
     sampling_flags(sp, max_tokens=256)
     sp.add_argument("--system", help="system prompt")
     sp.add_argument("--policy", help="moderation policy: a JSON file, 'default' (label only) or 'off'")
+    sp.add_argument("--index", help="a search index (myna index build): the model may call search on it")
     sp.set_defaults(fn=cmd_chat)
 
 

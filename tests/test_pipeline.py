@@ -214,7 +214,9 @@ def test_near_duplicates_are_gone_and_none_crosses_the_split(prepared, inputs):
 def test_dialogues_and_prefs_are_written(prepared, inputs):
     out, summary = prepared
     dialogues = [orjson.loads(line) for line in (out / "dialogues.jsonl").read_bytes().splitlines()]
-    assert len(dialogues) == summary["threads"]["dialogues_from_threads"] + inputs[1]["conversations"]
+    made = summary["threads"]["dialogues_calling_search"]  # one per hashtag of 3+ training posts
+    assert made > 0 and sum("tool_calls" in d["messages"][1] for d in dialogues) == made
+    assert len(dialogues) == summary["threads"]["dialogues_from_threads"] + inputs[1]["conversations"] + made
     for d in dialogues:
         roles = [m["role"] for m in d["messages"] if m["role"] != "system"]
         assert len(roles) >= 2 and roles[-1] == "assistant"

@@ -55,6 +55,7 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
         assert (tmp_path / "run" / "sft" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
         assert "report card:" in out
         assert "myna search --index" in out and "myna ask --index" in out and "searched:" in out
+        assert "myna chat --ckpt" in out and "myna> " in out  # the chat with search as its tool
         assert (tmp_path / "run" / "index" / "index.sqlite").is_file()
         report = (tmp_path / "run" / "sft" / "report.md").read_text()
         assert (

@@ -47,6 +47,7 @@ from myna.data.shards import ShardWriter
 from myna.data.threads import ThreadConfig
 from myna.io import atomic_dir, atomic_path, atomic_write, remove_stale_temps
 from myna.progress import Progress, log
+from myna.search.tool import tool_dialogues
 from myna.tokenizer import FORMAT_FILE, Tokenizer, train_tokenizer
 
 CORPUS_SCHEMA = POST_SCHEMA.append(pa.field("split", pa.string(), nullable=False))  # "train" or "val"
@@ -60,6 +61,7 @@ class PrepareConfig:
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     threads: ThreadConfig = field(default_factory=ThreadConfig)
+    search_dialogues: int = 2000  # dialogues that teach the chat model to call search, one per common hashtag
     val_fraction: float = 0.02  # share of kept posts held out (the latest ones when timestamps exist)
     seed: int = 1337
     vocab_size: int = 8192  # BPE vocabulary size
@@ -434,7 +436,8 @@ def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 def _scrub_dialogue(record: dict, pii: Counter) -> dict:
     """Dialogues get the corpus's normalisation and PII scrubbing: they are training text too."""
     for m in [*record.get("messages", ()), *record.get("prompt", ())]:
-        m["content"] = scrub_pii(normalise(m["content"]), pii)
+        if m.get("content") is not None:  # None: an assistant turn that only calls a tool
+            m["content"] = scrub_pii(normalise(m["content"]), pii)
     for key in ("chosen", "rejected"):
         if key in record:
             record[key] = scrub_pii(normalise(record[key]), pii)
@@ -442,10 +445,10 @@ def _scrub_dialogue(record: dict, pii: Counter) -> dict:
 
 
 def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """posts/ reply trees + conversations.jsonl -> dialogues.jsonl and prefs.jsonl."""
+    """posts/ reply trees + conversations.jsonl + corpus.parquet's hashtags -> dialogues.jsonl and prefs.jsonl."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
-    inputs = [*parts(out / "posts"), out / "conversations.jsonl"]
+    inputs = [*parts(out / "posts"), out / "conversations.jsonl", out / "corpus.parquet"]
 
     def run() -> dict:
         cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
@@ -459,18 +462,25 @@ def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
                 for line in conv:
                     f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
                     n_conv += 1
+            columns = ["id", "author_id", "created_at", "text", "hashtags", "split"]
+            searching = tool_dialogues(
+                pq.read_table(out / "corpus.parquet", columns=columns).to_pydict(), cfg.search_dialogues
+            )
+            for d in searching:
+                f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
         with atomic_write(out / "prefs.jsonl", "wb") as f:
             for p in res.prefs:
                 f.write(orjson.dumps(_scrub_dialogue(p, pii)) + b"\n")
         return {
             "dialogues_from_threads": len(res.dialogues),
             "dialogues_from_conversations": n_conv,
+            "dialogues_calling_search": len(searching),
             "prefs": len(res.prefs),
             "pii_scrubbed": dict(pii),
             "threads": res.stats,
         }
 
-    params = {"threads": dataclasses.asdict(cfg.threads)}
+    params = {"threads": dataclasses.asdict(cfg.threads), "search_dialogues": cfg.search_dialogues}
     return _run_stage("threads", out, inputs, ["dialogues.jsonl", "prefs.jsonl"], params, cfg.force, run)
 
 

@@ -4,7 +4,9 @@ A post travels as a plain dict with exactly the keys of POST_SCHEMA (dicts are c
 readers and convert to Arrow in one call). Records that cannot become a Post become a Reject.
 """
 
+import re
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
@@ -43,6 +45,25 @@ def new_post(id: str, text: str, source: str, **fields) -> dict:
         post[name] = []
     post.update(fields, id=id, text=text, source=source)
     return post
+
+
+# Twitter's ids since November 2010 carry their creation time (ms since this epoch) above bit 22
+SNOWFLAKE_EPOCH_MS = 1288834974657
+_SNOWFLAKE = re.compile(r"^[0-9]{15,19}$")
+
+
+def created_seconds(post: dict) -> int | None:
+    """A post's time in Unix seconds: created_at, or the time inside a Twitter snowflake id when the source gave
+    none (CSV dumps often don't); None when neither says."""
+    value = post.get("created_at")
+    if isinstance(value, datetime):
+        return int(value.replace(tzinfo=value.tzinfo or UTC).timestamp())
+    if value is not None:
+        return int(value)
+    pid = str(post["id"])
+    if _SNOWFLAKE.match(pid) and int(pid) < 1 << 63:
+        return ((int(pid) >> 22) + SNOWFLAKE_EPOCH_MS) // 1000
+    return None
 
 
 def posts_to_table(posts: list[dict]) -> pa.Table:

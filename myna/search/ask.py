@@ -12,13 +12,14 @@ context. A citation that points at no retrieved post ([7] of five) is removed fr
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+from myna.infer.chat import Tool, ToolResult
 from myna.infer.engine import Engine, SamplingParams
 from myna.search.index import Embedder, SearchIndex
 from myna.search.query import QueryError, parse
 from myna.search.rank import Hit, search
 from myna.search.terms import terms
+from myna.search.tool import POSTS, check_citations, format_posts, search_call
 from myna.template import prompt_budget, render_prompt, turn_stop_ids
 from myna.tokenizer import Tokenizer
 
@@ -26,16 +27,12 @@ SYSTEM = (
     "Answer the question from the posts the search returned. Cite every post you use by its number, like [1]. "
     "If the posts do not answer the question, say so."
 )
-TOOL = "search"
-POSTS = 5  # posts handed to the model: what fits a small context with room for the answer
-POST_CHARS = 280  # each post as the model sees it, cut to a post's classic length
 # question words that would make every post a match (BM25 needs content words)
 STOPWORDS = frozenset(
     "a an and are about at be by did do does for from has have how i in is it me of on or people "
     "say saying said that the their them there they this to was were what when where which who why "
     "will with you your tell think".split()
 )
-_CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 
 
 @dataclass
@@ -76,48 +73,16 @@ def question_query(question: str) -> str:
 
 
 def tool_result(hits: list[Hit]) -> str:
-    lines = []
-    for n, h in enumerate(hits, start=1):
-        p = h.post
-        when = (
-            datetime.fromtimestamp(p["created_at"], UTC).strftime("%Y-%m-%d")
-            if p["created_at"]
-            else "undated"
-        )
-        text = " ".join(p["text"].split())[:POST_CHARS]
-        lines.append(f"[{n}] @{p['author'] or 'unknown'} ({when}): {text}")
-    return "\n".join(lines)
+    return format_posts([h.post for h in hits])
 
 
 def messages(question: str, query: str, hits: list[Hit]) -> list[dict]:
-    call = {"name": TOOL, "arguments": {"query": query}}
     return [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": question},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "assistant", "content": None, "tool_calls": [search_call(query)]},
         {"role": "tool", "content": tool_result(hits) or "no posts found"},
     ]
-
-
-def check_citations(text: str, n_posts: int) -> tuple[str, list[int], int]:
-    """(text without citations of posts that do not exist, the valid numbers in order of first use, removed)."""
-    cited: list[int] = []
-    removed = 0
-
-    def keep(m: re.Match) -> str:
-        nonlocal removed
-        valid = []
-        for n in (int(x) for x in m.group(1).split(",")):
-            if 1 <= n <= n_posts:
-                valid.append(n)
-                if n not in cited:
-                    cited.append(n)
-            else:
-                removed += 1
-        return "[" + ", ".join(map(str, valid)) + "]" if valid else ""
-
-    cleaned = _CITATION.sub(keep, text)
-    return re.sub(r"[ \t]{2,}", " ", cleaned).strip(), cited, removed
 
 
 @dataclass
@@ -185,3 +150,25 @@ def ask(
     )
     result = engine.generate(p.ids, p.params)
     return p.answer(result.text, result.finish_reason)
+
+
+def search_tool(index: SearchIndex, embedder: Embedder | None, tokenizer: Tokenizer, k: int = POSTS) -> Tool:
+    """The chat's search tool (`myna chat --index`): {"query": ...} -> the top k posts, numbered, as many as fit
+    the room the conversation leaves (in tokens)."""
+
+    def run(arguments: dict, room: int) -> ToolResult:
+        query = arguments.get("query")
+        if not isinstance(query, str) or not query.strip():
+            return ToolResult(
+                'error: expected arguments {"query": "..."}', note="search called without a query"
+            )
+        try:
+            hits = search(index, query, limit=k, embedder=embedder).hits
+        except QueryError as e:
+            return ToolResult(f"error: {e}", note=f"search {query!r}: {e}")
+        while hits and len(tokenizer.encode(format_posts([h.post for h in hits]))) > room:
+            hits = hits[:-1]
+        content = format_posts([h.post for h in hits]) or "no posts found"
+        return ToolResult(content, len(hits), note=f"searched {query!r}: {len(hits)} post(s)")
+
+    return Tool(run, "query")

@@ -20,7 +20,6 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 
 from myna.data import readers
 from myna.data.clean import normalise
-from myna.data.schema import Reject
+from myna.data.schema import Reject, created_seconds
 from myna.progress import Progress, log
 from myna.search.signals import Signals
 from myna.search.terms import terms
@@ -130,29 +129,6 @@ def fingerprint(ckpt_dir: Path) -> str:
 # --- posts -> rows ---
 
 
-def _seconds(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return int(value.replace(tzinfo=value.tzinfo or UTC).timestamp())
-    return int(value)
-
-
-# Twitter's ids since November 2010 carry their creation time (ms since this epoch) above bit 22
-SNOWFLAKE_EPOCH_MS = 1288834974657
-_SNOWFLAKE = re.compile(r"^[0-9]{15,19}$")
-
-
-def _created(post: dict) -> int | None:
-    """created_at, or the time inside a Twitter snowflake id when the source gave none (CSV dumps often don't)."""
-    if post.get("created_at") is not None:
-        return _seconds(post["created_at"])
-    pid = str(post["id"])
-    if _SNOWFLAKE.match(pid) and int(pid) < 1 << 63:
-        return ((int(pid) >> 22) + SNOWFLAKE_EPOCH_MS) // 1000
-    return None
-
-
 def _row(post: dict) -> dict:
     text = normalise(post["text"])[:MAX_TEXT_CHARS]
     reply_to = post.get("in_reply_to_id")
@@ -160,7 +136,7 @@ def _row(post: dict) -> dict:
     return {
         "id": str(post["id"]),
         "author": (post.get("author_id") or "").casefold() or None,
-        "created_at": _created(post),
+        "created_at": created_seconds(post),
         "text": text,
         "lang": post.get("lang"),
         "in_reply_to_id": reply_to,

@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 from myna.search import rank
 from myna.search.index import SearchIndex, write_index
 from myna.search.query import parse
+from myna.search.terms import tag_words
 
 MIN_POSTS = 3  # a hashtag needs this many held-out posts to be a query with more than one answer
 MAX_SHARE = 0.2  # a hashtag on more than this share of the posts is the collection's topic, not a query
 MAX_QUERIES = 200
-_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
 
 @dataclass
@@ -33,11 +33,6 @@ class Task:
     tag: str  # case-folded, without '#'
     query: str
     relevant: set[str]  # post ids
-
-
-def tag_words(tag: str) -> str:
-    """'PrayForVisayas' -> 'pray for visayas', 'yycflood' -> 'yycflood', 'COVID19' -> 'covid 19'."""
-    return " ".join(w.lower() for w in _CAMEL.findall(tag)) or tag.lower()
 
 
 def held_out(data_dir: Path) -> list[dict]:

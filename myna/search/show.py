@@ -64,11 +64,13 @@ SHOWCASE_QUESTION = "What are people saying about the floods in Calgary?"
 
 def showcase(index_path, chat_run) -> None:
     """`myna speedrun`'s tour of search: a few searches and one answer that cites posts."""
-    from myna.infer.engine import Engine
+    from myna.infer.chat import ChatSession, Turn
+    from myna.infer.engine import Engine, SamplingParams
     from myna.runs import load_model
-    from myna.search.ask import ask
+    from myna.search.ask import ask, search_tool
     from myna.search.index import SearchIndex, load_embedder
     from myna.search.rank import search
+    from myna.search.tool import TOOL
 
     idx = SearchIndex.open(index_path)
     embedder = load_embedder(idx.path, idx.meta)
@@ -79,3 +81,14 @@ def showcase(index_path, chat_run) -> None:
     loaded = load_model(chat_run)
     with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
         print_answer(ask(idx, SHOWCASE_QUESTION, engine, embedder, max_tokens=96))
+        # the same question in the chat, where the model decides to search (SFT learned it from the made dialogues)
+        out.print(
+            f"\n[bold]myna chat --ckpt {chat_run} --index {index_path}[/]\nyou> {escape(SHOWCASE_QUESTION)}"
+        )
+        tools = {TOOL: search_tool(idx, embedder, loaded.tokenizer)}
+        session = ChatSession(engine, SamplingParams(max_tokens=96, temperature=0), tools=tools)
+        turn = Turn()
+        reply = "".join(session.respond(SHOWCASE_QUESTION, turn))
+        out.print(f"myna> {escape(reply)}")
+        for note in turn.notes or ["the model answered without calling search"]:
+            out.print(f"  [dim]\\[{escape(note)}][/]")

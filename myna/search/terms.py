@@ -67,3 +67,12 @@ def term_spans(text: str) -> list[tuple[int, int, list[str]]]:
         if m.lastgroup != "url" and (found := terms(m.group())):
             out.append((m.start(), m.end(), found))
     return out
+
+
+_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+def tag_words(tag: str) -> str:
+    """A hashtag as the words a person would type: 'PrayForVisayas' -> 'pray for visayas', 'yycflood' ->
+    'yycflood', 'COVID19' -> 'covid 19'."""
+    return " ".join(w.lower() for w in _CAMEL.findall(tag)) or tag.lower()

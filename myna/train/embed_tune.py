@@ -33,7 +33,16 @@ import torch.nn.functional as F
 import xxhash
 
 from myna.data.loader import epoch_order
-from myna.data.pairs import Pair, corpus_pairs, count_kinds, dialogue_pairs, read_corpus, text_key, unique
+from myna.data.pairs import (
+    KINDS,
+    Pair,
+    corpus_pairs,
+    count_kinds,
+    dialogue_pairs,
+    read_corpus,
+    text_key,
+    unique,
+)
 from myna.io import atomic_write
 from myna.model import lm_loss, mean_pool, pad_right
 from myna.runs import load_model, read_metrics, start_run
@@ -268,14 +277,24 @@ def read_dialogues(data: Path) -> tuple[list[dict], list[bool], list]:
     return dialogues, side, rejects
 
 
-def mine(data: Path, dialogues: list[dict], side: list[bool], max_tag_posts: int) -> tuple[dict, dict]:
-    """split -> the pairs of a data directory and its dialogues, and their counts (and what was left out)."""
+def mine(
+    data: Path, dialogues: list[dict], side: list[bool], max_tag_posts: int, kinds: str = ",".join(KINDS)
+) -> tuple[dict, dict]:
+    """split -> the pairs of the given kinds (comma-separated) in a data directory and its dialogues, and their
+    counts (and what was left out)."""
+    wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in KINDS]
+    if unknown or not wanted:
+        raise ValueError(f"kinds={kinds!r}: expected a comma-separated subset of {', '.join(KINDS)}")
     corpus_path = data / "corpus.parquet"
     if not corpus_path.is_file():
         raise FileNotFoundError(f"{corpus_path}: missing; expected the corpus `myna data prepare` writes")
     pairs, dropped = corpus_pairs(read_corpus(corpus_path), max_tag_posts)
     turns = dialogue_pairs(dialogues, [opening(d["messages"]) for d in dialogues], side)
-    pairs = {split: unique(pairs.get(split, []) + turns.get(split, [])) for split in ("train", "val")}
+    pairs = {
+        split: [p for p in unique(pairs.get(split, []) + turns.get(split, [])) if p.kind in wanted]
+        for split in ("train", "val")
+    }
     counts = {split: count_kinds(found) for split, found in pairs.items()}
     if not pairs["train"]:
         raise ValueError(
@@ -302,6 +321,9 @@ def embed_tune(
     temperature: float = 0.05,
     lm_weight: float = 1.0,  # weight of the next-token loss on the same texts, which keeps the model's language
     max_tag_posts: int = 10,  # a hashtag on more posts than this names a broad topic, not what two posts share
+    # the kinds of pairs to train on: search wants posts about the same thing (hashtag, reply, quote); dialogue
+    # turns teach what answers a text, and keep the chat's own turns close
+    kinds: str = "reply,quote,hashtag,dialogue",
     max_tokens: int = 128,  # a text's first tokens that count (<|bos|> included)
     held_out_pairs: int = 1000,  # held-out pairs whose retrieval is measured
     max_chat_loss_rise: float = 0.05,  # nats of held-out assistant loss the tuning may cost before it warns
@@ -321,7 +343,7 @@ def embed_tune(
     if not data.is_dir():
         raise FileNotFoundError(f"{data}: no such data directory (expected `myna data prepare`'s output)")
     dialogues, side, rejects = read_dialogues(data)
-    pairs, counts = mine(data, dialogues, side, max_tag_posts)
+    pairs, counts = mine(data, dialogues, side, max_tag_posts, kinds)
     if steps is not None:
         overrides["steps"] = steps
     # one process (a short tuning of a small model): the loss calls model.hidden, which no DDP wrapper sees
@@ -356,6 +378,7 @@ def embed_tune(
             "lm_weight": lm_weight,
             "batch_pairs": batch_pairs,
             "max_tag_posts": max_tag_posts,
+            "kinds": kinds,
             "max_tokens": max_tokens,
             "max_chat_loss_rise": max_chat_loss_rise,
         }

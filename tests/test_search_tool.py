@@ -1,0 +1,196 @@
+"""The search tool in the chat: dialogues made from the corpus's hashtags, the call parsed from what a model writes,
+and a tiny model tuned on the made dialogues calling search from `ChatSession`, the call running on a real index
+and the answer's citations checked against what it returned."""
+
+import itertools
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import SAMPLE, myna
+
+from myna.data import readers
+from myna.data.threads import write_jsonl
+from myna.infer.chat import ChatSession, Turn, parse_call
+from myna.infer.engine import Engine, SamplingParams
+from myna.runs import load_model
+from myna.search.ask import search_tool
+from myna.search.index import SearchIndex, load_embedder
+from myna.search.tool import TOOL, check_citations, tool_dialogues
+from myna.template import render
+from myna.train.sft import sft
+
+
+def corpus(rows: list[tuple]) -> dict[str, list]:
+    """Columns of corpus.parquet from (id, text, hashtags, split, day of January 2024)."""
+    cols = {k: [] for k in ("id", "author_id", "created_at", "text", "hashtags", "split")}
+    for i, text, tags, split, day in rows:
+        cols["id"].append(i)
+        cols["author_id"].append(f"user{i}")
+        cols["created_at"].append(datetime(2024, 1, day, tzinfo=UTC))
+        cols["text"].append(text)
+        cols["hashtags"].append(tags)
+        cols["split"].append(split)
+    return cols
+
+
+def test_dialogues_from_hashtags():
+    rows = [
+        ("1", "Loved the #KiteFest today https://t.co/x", [], "train", 1),
+        ("2", "#kitefest was windy", [], "train", 3),
+        ("3", "so many kites", ["KiteFest"], "train", 2),
+        ("4", "only two posts carry #rare", [], "train", 1),
+        ("5", "#rare again", [], "train", 1),
+        *((f"v{i}", "held out #KiteFest #held", [], "val", 1) for i in range(4)),
+    ]
+    (d,) = tool_dialogues(corpus(rows), limit=10)  # #rare has 2 posts, #held only held-out ones
+    user, call, tool, answer = d["messages"]
+    assert [m["role"] for m in d["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert "kite fest" in user["content"]  # the tag's words, from how people wrote it
+    assert call["content"] is None and call["tool_calls"] == [
+        {"name": TOOL, "arguments": {"query": "#kitefest"}}
+    ]
+    lines = tool["content"].splitlines()
+    assert [line[:3] for line in lines] == ["[1]", "[2]"]  # the newest two, newest first
+    assert "@user2 (2024-01-03): #kitefest was windy" in lines[0] and "@user3 (2024-01-02)" in lines[1]
+    text, cited, removed = check_citations(answer["content"], len(lines))
+    assert cited == [1, 2] and removed == 0 and text == answer["content"]
+
+
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        (
+            '{"name": "search", "arguments": {"query": "#floods"}}',
+            {"name": "search", "arguments": {"query": "#floods"}},
+        ),
+        (
+            '{"name": "search", "arguments": "{\\"query\\": \\"x\\"}"}',
+            {"name": "search", "arguments": {"query": "x"}},
+        ),
+        ('{"name": "search", "arguments": {"query": ', {"error": "not JSON"}),
+        ('["search"]', {"error": "expected"}),
+        ('{"name": "search", "arguments": [1]}', {"error": "arguments: expected an object"}),
+    ],
+)
+def test_parse_call(written, expected):
+    found = parse_call(written)
+    if "error" in expected:
+        assert set(found) == {"error"} and expected["error"] in found["error"]
+    else:
+        assert found == expected
+
+
+@pytest.fixture(scope="module")
+def made() -> list[dict]:
+    """Dialogues made from the hashtags of the bundled sample's first 20,000 CrisisLex tweets."""
+    rows = [
+        r for r in itertools.islice(readers.read_posts(SAMPLE / "posts" / "crisislex_t26.csv.gz"), 20_000)
+    ]
+    columns = {
+        k: [r[k] for r in rows if isinstance(r, dict)]
+        for k in ("id", "author_id", "created_at", "text", "hashtags")
+    }
+    # one short post each: the test tokenizer's 512 ids spend about two characters a token, in 256 positions
+    return tool_dialogues(
+        {**columns, "split": ["train"] * len(columns["id"])}, 300, posts_each=1, post_chars=60
+    )
+
+
+@pytest.fixture(scope="module")
+def tool_run(base_run: Path, made: list[dict], tmp_path_factory) -> Path:
+    """The tiny base tuned on the made dialogues alone, so that it learns the call."""
+    data = tmp_path_factory.mktemp("tool-sft")
+    write_jsonl(data / "dialogues.jsonl", made)
+    sft(base_run, data, data / "run", steps=60, lr=3e-3, seq_len=256, eval_every=60, save_every=60)
+    return data / "run"
+
+
+@pytest.mark.slow
+def test_tuned_model_calls_search_and_cites(tool_run: Path, sample_data: Path, serve_index: Path):
+    loaded = load_model(tool_run)
+    tok = loaded.tokenizer
+    made = [
+        json.loads(x)
+        for x in (sample_data / "dialogues.jsonl").read_text().splitlines()
+        if '"tool_calls"' in x
+    ]
+    rendered = render(made[0]["messages"], tok)
+    call_id = tok.special_ids[tok.chat.tool_call]
+    assert rendered.targets[rendered.ids.index(call_id)]  # the call is what the model learns to write
+
+    idx = SearchIndex.open(serve_index)
+    tools = {TOOL: search_tool(idx, load_embedder(idx.path, idx.meta), tok)}
+    params = SamplingParams(max_tokens=40, temperature=0)
+    calls = 0
+    with Engine(loaded.model, tok, max_batch=1) as engine:
+        for d in made[:5]:
+            session = ChatSession(engine, params, tools=tools)
+            turn = Turn()
+            "".join(session.respond(d["messages"][0]["content"], turn))
+            if not turn.tool_calls:
+                continue
+            calls += 1
+            roles = [m["role"] for m in session.messages]
+            assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant"
+            assert session.messages[1]["tool_calls"][0]["name"] == TOOL
+            assert any(note.startswith("searched ") for note in turn.notes)
+            tool = session.messages[2]["content"]
+            items = len(re.findall(r"^\[\d+\]", tool, flags=re.M))
+            assert all(1 <= n <= items for n in turn.cited)  # citations of posts not returned were removed
+            assert all(
+                1 <= int(n) <= items for n in re.findall(r"\[(\d+)\]", session.messages[-1]["content"])
+            )
+    assert calls >= 3, f"the tuned model called search for {calls} of 5 questions"
+
+
+def test_chat_without_tools_never_stops_at_the_call_token(sft_run: Path):
+    """A session without tools leaves the tool-call token to the model's ordinary stop rules."""
+    loaded = load_model(sft_run)
+    with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
+        session = ChatSession(engine, SamplingParams(max_tokens=8, temperature=0))
+        assert session.call_id is None
+        turn = Turn()
+        "".join(session.respond("hello", turn))
+        assert turn.tool_calls == [] and session.messages[-1]["role"] == "assistant"
+
+
+@pytest.mark.slow
+def test_cli_chat_with_index(tool_run: Path, serve_index: Path, sample_data: Path):
+    made = [
+        json.loads(x)
+        for x in (sample_data / "dialogues.jsonl").read_text().splitlines()
+        if '"tool_calls"' in x
+    ]
+    question = made[0]["messages"][0]["content"]
+    result = myna(
+        "chat",
+        "--ckpt",
+        str(tool_run),
+        "--index",
+        str(serve_index),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+        stdin=question + "\n/quit\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "myna>" in result.stdout
+    bad = myna("chat", "--ckpt", str(tool_run), "--index", str(serve_index.parent / "nope"), stdin="/quit\n")
+    assert bad.returncode == 1 and "not a search index" in bad.stderr
+
+
+def test_sample_dialogues_call_search(sample_data: Path):
+    """data prepare writes the made dialogues after the others, and its stage summary counts them."""
+    made = [x for x in (sample_data / "dialogues.jsonl").read_text().splitlines() if '"tool_calls"' in x]
+    columns = ["id", "author_id", "created_at", "text", "hashtags", "split"]
+    expected = tool_dialogues(
+        pq.read_table(sample_data / "corpus.parquet", columns=columns).to_pydict(), 2000
+    )
+    assert [json.loads(x)["messages"][0] for x in made] == [d["messages"][0] for d in expected] and made
+    summary = json.loads((sample_data / ".stages" / "threads.json").read_text())["summary"]
+    assert summary["dialogues_calling_search"] == len(made)
