@@ -46,7 +46,8 @@ def test_search_top_latest_and_explain(live):
     first = top["data"][0]
     assert first["author"] == "maya" and first["created_at"] == "2024-05-01T08:00:00Z"
     assert (first["likes"], first["reposts"], first["replies"]) == (5000, 800, 40)
-    assert [first["text"][a:b] for a, b in first["highlights"]] == ["coffee", "#coffee"]  # a word marks its tag
+    # a word marks the hashtag it matches too
+    assert [first["text"][a:b] for a, b in first["highlights"]] == ["coffee", "#coffee"]
     assert "parts" not in first and first["collapsed"] == []
 
     latest = post(live, "/v1/search", {"query": QUERY, "order": "latest", "limit": 3, "explain": True}).json()
