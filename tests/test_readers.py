@@ -119,7 +119,7 @@ def test_v1_search_envelope_unescapes_html_and_maps_fields():
     assert post["text"].startswith("🎶 C++, Java, Python & Ruby. These are a few")
     assert "&amp;" not in post["text"]
     assert post["created_at"] == datetime(2015, 12, 8, 21, 40, 0, tzinfo=UTC)
-    assert post["author_id"] == "58309829"
+    assert post["author_id"] == "58309829" and post["author_name"] == "NickelodeonTV"
     assert (post["like_count"], post["repost_count"]) == (126, 28)
     assert post["hashtags"] == ["HourOfCode"]
     assert post["urls"] == ["https://vine.co/v/i7QJji9Ldmr"]  # expanded, not the t.co link
@@ -227,10 +227,13 @@ def test_v2_retweet_gets_original_full_text():
     assert (retweet["repost_count"], retweet["reply_count"], retweet["like_count"]) == (1, 0, 0)
     assert retweet["created_at"] == datetime(2021, 5, 18, 19, 24, 56, tzinfo=UTC)
     assert original["author_id"] == "1380086327023169540"
+    # screen names from the page's includes.users, and from a flattened tweet's inline author
+    assert (retweet["author_name"], original["author_name"]) == ("LachiVeronica", "bibaigna96")
     flat = read_all(API / "v2" / "flat_head5.jsonl")[0]
     assert flat[0]["text"].startswith("De manera simultánea") and flat[0]["text"].endswith(
         "hace sentir su regreso."
     )
+    assert flat[0]["author_name"] == "Alexandravm12"
 
 
 def test_v2_note_tweet_long_text(tmp_path):
@@ -284,7 +287,7 @@ def test_csv_sentiment140_headerless(tmp_path):
     for options in (None, ReadOptions(csv_preset="sentiment140")):
         posts, rejects = read_all(path, "csv", options)
         assert [p["text"] for p in posts] == texts
-        assert posts[0]["id"] == "1467810369" and posts[0]["author_id"] == "user0"
+        assert posts[0]["id"] == "1467810369" and posts[0]["author_id"] == posts[0]["author_name"] == "user0"
         assert posts[0]["created_at"] == datetime(2009, 4, 7, 5, 19, 45, tzinfo=UTC)  # PDT is UTC-7
         assert [(r.line, r.reason) for r in rejects] == [(3, "expected 6 columns, got 5")]
 

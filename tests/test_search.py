@@ -245,7 +245,7 @@ def test_add_skips_known_posts_and_counts_rejects(built: Path, opened, tmp_path:
     one) finds the new post at its next query, lexically, densely and under the in-memory filters."""
     idx, embedder = opened
     bad = tmp_path / "more.jsonl"
-    good = {"id": "n1", "text": "a brand new post about #python", "author_id": "zed"}
+    good = {"id": "n1", "text": "a brand new post about #python", "author_id": "9001", "author_name": "Zed"}
     bad.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(POST_P1) + "\n", encoding="utf-8")
     before = SearchIndex.open(built).size
     counts = search_index.add(built, [bad])
@@ -258,6 +258,10 @@ def test_add_skips_known_posts_and_counts_rejects(built: Path, opened, tmp_path:
     assert idx.size == len(idx.vectors) == len(idx.signals.likes) == before + 1
     densely = rank.dense(idx, parse("a brand new post about python -filter:replies"), embedder, idx.size)
     assert idx.size in {r for r, _ in densely}
+    # from: takes the screen name people see, or the numeric id; results show the name
+    for who in ("zed", "Zed", "9001"):
+        assert ids(search(idx, f"brand new from:{who}", embedder=embedder)) == ["n1"], who
+    assert search(idx, "brand new from:zed", embedder=embedder).hits[0].post["author"] == "zed"
 
 
 POST_P1 = {"id": "p1", "text": "dup"}

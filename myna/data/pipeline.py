@@ -462,7 +462,8 @@ def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
                 for line in conv:
                     f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
                     n_conv += 1
-            columns = ["id", "author_id", "created_at", "text", "hashtags", "split"]
+            columns = ["id", "author_id", "author_name", "created_at", "text", "hashtags", "split"]
+            columns = [c for c in columns if c in pq.read_schema(out / "corpus.parquet").names]
             searching = tool_dialogues(
                 pq.read_table(out / "corpus.parquet", columns=columns).to_pydict(), cfg.search_dialogues
             )

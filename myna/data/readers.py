@@ -43,6 +43,7 @@ CSV_ALIASES = {
     "text": ("text", "full_text", "tweet", "tweet_text", "content", "body", "message"),
     "created_at": ("created_at", "date", "timestamp", "time", "created"),
     "author_id": ("author_id", "user_id", "author", "user", "username", "screen_name", "user_name"),
+    "author_name": ("username", "screen_name", "user_name", "user", "author_name"),
     "lang": ("lang", "language"),
     "conversation_id": ("conversation_id",),
     "in_reply_to_id": ("in_reply_to_id", "in_reply_to_status_id", "in_response_to_tweet_id", "reply_to_id"),
@@ -55,7 +56,7 @@ CSV_ALIASES = {
 }
 # Headerless layouts: Post field -> 0-based column, and the row width. Sentiment140 is polarity, id, date, query,
 # user, text (the user is a screen name: the only author identifier it has).
-CSV_PRESETS = {"sentiment140": ({"id": 1, "created_at": 2, "author_id": 4, "text": 5}, 6)}
+CSV_PRESETS = {"sentiment140": ({"id": 1, "created_at": 2, "author_id": 4, "author_name": 4, "text": 5}, 6)}
 
 
 @dataclass
@@ -509,6 +510,7 @@ _V1_KEYS = ("statuses", "id_str", "user", "screen_name", "full_text", "extended_
 _V2_PAGE_KEYS = ("data", "includes", "errors", "meta")
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _POST_FIELD_SET = frozenset(POST_FIELDS)
+_SHARED_WITH_TWITTER = frozenset({"id", "text", "author_id", "created_at", "lang", "conversation_id"})
 
 
 def _classify(record: object) -> str | None:
@@ -518,7 +520,9 @@ def _classify(record: object) -> str | None:
         return "conversations"
     if isinstance(record.get("tweet"), dict):
         return "archive"
-    if "id" in record and "text" in record and "source" in record and record.keys() <= _POST_FIELD_SET:
+    keys = record.keys()
+    # Post fields only, one of them a field no Twitter shape has at the top (source, author_name, like_count, ...)
+    if "id" in record and "text" in record and keys <= _POST_FIELD_SET and keys - _SHARED_WITH_TWITTER:
         return "jsonl"
     if any(k in record for k in _V2_PAGE_KEYS):
         return "v2"
@@ -627,6 +631,7 @@ def _v1_post(s: dict, source: str) -> dict:
         _text(text, unescape=True),
         source,
         author_id=_id(user.get("id_str") or user.get("id"), "user.id") if user else None,
+        author_name=_str(user.get("screen_name"), "user.screen_name") if user else None,
         created_at=_date(s.get("created_at")),
         lang=_str(s.get("lang"), "lang"),
         in_reply_to_id=_id(
@@ -683,7 +688,13 @@ def _v2_record(record: object, line: int, raw: bytes, path: str) -> list[dict | 
             out.append(Reject(path, line, f"not a post: v2 {kind} response", _snippet(raw)))
         elif not tweets and not originals:
             out.append(Reject(path, line, "not a post: v2 response without tweets", _snippet(raw)))
-        return out + _v2_tweets(tweets, originals, path, line, raw)
+        users = includes.get("users") if isinstance(includes, dict) else None
+        names = {
+            u["id"]: u["username"]
+            for u in (users if isinstance(users, list) else [])
+            if isinstance(u, dict) and isinstance(u.get("id"), str) and isinstance(u.get("username"), str)
+        }
+        return out + _v2_tweets(tweets, originals, path, line, raw, names)
     if "text" in record and "id" in record:  # twarc flattened tweet: referenced tweets are inlined
         refs = record.get("referenced_tweets")
         inlined = [r for r in refs if isinstance(r, dict) and "text" in r] if isinstance(refs, list) else []
@@ -700,15 +711,18 @@ def _v2_kind(item: object) -> str:
     return "non-tweet"
 
 
-def _v2_tweets(tweets: list, originals: list, path: str, line: int, raw: bytes) -> list[dict | Reject]:
-    """Posts for a page's tweets and its expanded referenced tweets, each id once."""
+def _v2_tweets(
+    tweets: list, originals: list, path: str, line: int, raw: bytes, names: dict | None = None
+) -> list[dict | Reject]:
+    """Posts for a page's tweets and its expanded referenced tweets, each id once; `names`: the page's
+    includes.users, author id -> username."""
     by_id = {t["id"]: t for t in originals if type(t.get("id")) is str}
     source = f"{path}:{line}"
     out: list[dict | Reject] = []
     seen: set[str] = set()
     for tweet in tweets + originals:
         try:
-            post = _v2_post(tweet, source, by_id)
+            post = _v2_post(tweet, source, by_id, names or {})
         except _Bad as e:
             out.append(Reject(path, line, e.reason, _snippet(raw)))
             continue
@@ -718,7 +732,7 @@ def _v2_tweets(tweets: list, originals: list, path: str, line: int, raw: bytes) 
     return out
 
 
-def _v2_post(t: dict, source: str, originals: dict) -> dict:
+def _v2_post(t: dict, source: str, originals: dict, names: dict) -> dict:
     id_ = _id(t.get("id"), "id")
     if id_ is None:
         raise _Bad("missing id")
@@ -753,6 +767,13 @@ def _v2_post(t: dict, source: str, originals: dict) -> dict:
         _text(text, unescape=True),
         source,
         author_id=_id(t.get("author_id"), "author_id"),
+        # twarc2's flattened tweets carry their author inline; pages name them in includes.users
+        author_name=names.get(t.get("author_id"))
+        or (
+            _str(t["author"].get("username"), "author.username")
+            if isinstance(t.get("author"), dict)
+            else None
+        ),
         created_at=_date(t.get("created_at")),
         lang=_str(t.get("lang"), "lang"),
         conversation_id=_id(t.get("conversation_id"), "conversation_id"),
@@ -780,7 +801,15 @@ def _v2_text(t: dict) -> tuple[object, object]:
 # ---------------------------------------------------------------------------------------------------------------
 # Myna's own schema: JSON lines and Parquet
 
-_STR_FIELDS = ("author_id", "lang", "conversation_id", "in_reply_to_id", "quoted_id", "repost_of_id")
+_STR_FIELDS = (
+    "author_id",
+    "author_name",
+    "lang",
+    "conversation_id",
+    "in_reply_to_id",
+    "quoted_id",
+    "repost_of_id",
+)
 _INT_FIELDS = ("like_count", "repost_count", "reply_count", "quote_count")
 _LIST_FIELDS = ("hashtags", "mentions", "urls")
 _INT64 = (-(1 << 63), (1 << 63) - 1)

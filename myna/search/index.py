@@ -34,7 +34,7 @@ from myna.search.signals import Signals
 from myna.search.terms import terms
 from myna.search.vectors import VectorIndex
 
-FORMAT = 1
+FORMAT = 2  # 2: author is the screen name where the source gives one, author_id beside it
 DB_NAME = "index.sqlite"
 BATCH = 2048  # posts per insert and per vector chunk
 MAX_TEXT_CHARS = (
@@ -48,7 +48,8 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE posts (
     rowid INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
-    author TEXT,                 -- case-folded, for from:
+    author TEXT,                 -- case-folded screen name (else the author id): what results show, from: and to:
+    author_id TEXT,              -- case-folded: from: matches it too
     created_at INTEGER,          -- Unix seconds, UTC
     text TEXT NOT NULL,
     lang TEXT,
@@ -65,6 +66,7 @@ CREATE TABLE posts (
 );
 CREATE INDEX posts_time ON posts(created_at);
 CREATE INDEX posts_author ON posts(author);
+CREATE INDEX posts_author_id ON posts(author_id);
 CREATE INDEX posts_to ON posts(to_user);
 CREATE VIRTUAL TABLE fts USING fts5(body, tagwords, content='', tokenize="ascii tokenchars '#@_'");
 CREATE TABLE vectors (first INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);
@@ -135,7 +137,8 @@ def _row(post: dict) -> dict:
     lead = _LEADING_MENTION.match(text)
     return {
         "id": str(post["id"]),
-        "author": (post.get("author_id") or "").casefold() or None,
+        "author": (post.get("author_name") or post.get("author_id") or "").casefold() or None,
+        "author_id": (post.get("author_id") or "").casefold() or None,
         "created_at": created_seconds(post),
         "text": text,
         "lang": post.get("lang"),
@@ -159,7 +162,7 @@ def _fts_columns(text: str) -> tuple[str, str]:
 
 
 _COLUMNS = (
-    "id author created_at text lang in_reply_to_id to_user repost_of_id quoted_id "
+    "id author author_id created_at text lang in_reply_to_id to_user repost_of_id quoted_id "
     "likes reposts replies quotes is_reply has_link"
 ).split()
 

@@ -96,8 +96,9 @@ def sql_filters(q: Query, people_only: bool = False) -> tuple[str, list]:
     """SQL over `posts p` for the query's filters; people_only: from: and to: alone (Signals tests the rest)."""
     f, where, args = q.filters, [], []
     if f.from_users:
-        where.append(f"p.author IN ({','.join('?' * len(f.from_users))})")
-        args += f.from_users
+        marks = ",".join("?" * len(f.from_users))
+        where.append(f"(p.author IN ({marks}) OR p.author_id IN ({marks}))")  # a screen name or an id
+        args += f.from_users * 2
     if f.to_users:
         where.append(f"p.to_user IN ({','.join('?' * len(f.to_users))})")
         args += f.to_users

@@ -91,8 +91,8 @@ def quote(text: str) -> str:
 def tool_dialogues(
     corpus: dict[str, list], limit: int, posts_each: int = TRAIN_POSTS, post_chars: int = TRAIN_POST_CHARS
 ) -> list[dict]:
-    """At most `limit` dialogues from the train posts of corpus.parquet's columns (id, author_id, created_at,
-    text, hashtags, split): one per hashtag carried by at least MIN_POSTS of them, the most carried first."""
+    """At most `limit` dialogues from the train posts of corpus.parquet's columns (id, author_id, author_name,
+    created_at, text, hashtags, split): one per hashtag carried by at least MIN_POSTS of them, the most carried first."""
     carriers: dict[str, list[int]] = defaultdict(list)
     written: dict[str, Counter] = defaultdict(
         Counter
@@ -108,6 +108,7 @@ def tool_dialogues(
     topics = sorted(
         (t for t, rows in carriers.items() if len(rows) >= MIN_POSTS), key=lambda t: (-len(carriers[t]), t)
     )
+    names = corpus.get("author_name") or [None] * len(corpus["id"])  # a corpus prepared before names
     times = [
         created_seconds({"id": i, "created_at": t})
         for i, t in zip(corpus["id"], corpus["created_at"], strict=True)
@@ -115,7 +116,7 @@ def tool_dialogues(
     dialogues = []
     for n, tag in enumerate(topics[:limit]):
         posts = [
-            {"author": corpus["author_id"][i], "created_at": times[i], "text": corpus["text"][i]}
+            {"author": names[i] or corpus["author_id"][i], "created_at": times[i], "text": corpus["text"][i]}
             for i in carriers[tag]
         ]
         posts.sort(key=lambda p: p["created_at"] or 0, reverse=True)  # newest first, as Latest lists them

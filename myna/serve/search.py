@@ -3,7 +3,7 @@ queries, the requests' fields checked, and the results as JSON. myna/serve/api.p
 runs ask's generation through the engine, moderated, as it runs a chat completion.
 
 A post in a response:
-    {id, author, created_at (ISO 8601, UTC, or null), text, likes, reposts, replies,
+    {id, author (screen name, else id), author_id, created_at (ISO 8601, UTC, or null), text, likes, reposts, replies,
      highlights: [[start, end), ...] in Unicode code points of text, score, collapsed: [ids of reposts folded in],
      parts: the score's parts (only when explain)}
 """
@@ -158,6 +158,7 @@ def post_item(hit: Hit, explain: bool) -> dict:
     item = {
         "id": p["id"],
         "author": p["author"],
+        "author_id": p["author_id"],
         "created_at": iso(p["created_at"]),
         "text": p["text"],
         "likes": p["likes"],
