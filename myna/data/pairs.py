@@ -1,12 +1,14 @@
 """Pairs of texts that belong together, mined from a prepared data directory, for contrastive embedding training.
 
-Four kinds, each within one split (a pair whose two posts fall on different sides is left out and counted):
+Five kinds, each within one split (a pair whose two posts fall on different sides is left out and counted):
     reply     a post and its reply (in_reply_to_id -> id within corpus.parquet)
     dialogue  two consecutive user/assistant turns of a dialogue in dialogues.jsonl (a post and its reply, as the
               reply trees and conversation files gave them)
     hashtag   two posts that share a rare hashtag (carried by 2..max_tag_posts posts of the split), with that
               hashtag removed from both texts, so the pair must be matched by what the posts say
     quote     a quote and the post it quotes (quoted_id -> id)
+    query     a hashtag's words as a person would search them ("pray for visayas") and a post that carries it, the
+              hashtag removed: search's short queries against posts (up to QUERY_POSTS posts a hashtag)
 
 Every pair carries a group (the thread, dialogue, hashtag or quoted post it came from): pairs of one group are
 related, so a batch holds at most one of them and no text twice, and none of its negatives is a hidden positive.
@@ -21,7 +23,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-KINDS = ("reply", "dialogue", "hashtag", "quote")
+from myna.search.terms import written_tag_words
+
+KINDS = ("reply", "dialogue", "hashtag", "quote", "query")
+QUERY_POSTS = 8  # query pairs a hashtag gives at most: a common tag does not fill the batches
 CORPUS_COLUMNS = ["id", "text", "in_reply_to_id", "quoted_id", "hashtags", "split"]
 # a hashtag as written in a post: '#' not inside a word or an HTML entity, then a word with at least one letter
 HASHTAG = re.compile(r"(?<![\w&])#(\w*[^\W\d_]\w*)")
@@ -79,13 +84,23 @@ def corpus_pairs(corpus: dict[str, list], max_tag_posts: int) -> tuple[dict[str,
             pairs[splits[i]].append(Pair(texts[j], texts[i], kind, f"{kind}:{other}"))
 
     carriers: dict[tuple[str, str], list[int]] = defaultdict(list)  # (split, tag) -> rows
+    written: dict[str, Counter] = defaultdict(Counter)  # how a tag is written, for its words (PrayForVisayas)
     for i, (text, listed) in enumerate(zip(texts, corpus["hashtags"], strict=True)):
         for tag in hashtags_of(text, listed):
             carriers[(splits[i], tag)].append(i)
+        for form in [*(listed or []), *HASHTAG.findall(text)]:
+            written[form.casefold()][form] += 1
     for (split, tag), rows in sorted(carriers.items()):
-        if not 2 <= len(rows) <= max_tag_posts:
+        if len(rows) < 2:
             continue
         rows = sorted(rows, key=lambda i: ids[i])
+        query = written_tag_words(written[tag]) if written[tag] else tag
+        for i in rows[:QUERY_POSTS]:
+            post = remove_hashtag(texts[i], tag)
+            if _usable(query, post):
+                pairs[split].append(Pair(query, post, "query", f"hashtag:{tag}"))
+        if len(rows) > max_tag_posts:
+            continue
         for i, j in zip(rows[0::2], rows[1::2], strict=False):  # disjoint pairs: no post dominates its tag
             a, b = remove_hashtag(texts[i], tag), remove_hashtag(texts[j], tag)
             if _usable(a, b):

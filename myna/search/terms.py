@@ -15,6 +15,7 @@ hands FTS5 the tokens joined by spaces; FTS5's `ascii` tokenizer (every non-ASCI
 
 import re
 import unicodedata
+from collections import Counter
 
 _NO_SPACE_SCRIPTS = (
     r"\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
@@ -76,3 +77,10 @@ def tag_words(tag: str) -> str:
     """A hashtag as the words a person would type: 'PrayForVisayas' -> 'pray for visayas', 'yycflood' ->
     'yycflood', 'COVID19' -> 'covid 19'."""
     return " ".join(w.lower() for w in _CAMEL.findall(tag)) or tag.lower()
+
+
+def written_tag_words(forms: Counter) -> str:
+    """A hashtag's words from the ways people wrote it (form -> count): a form in mixed case shows where the words
+    break (#PrayForVisayas), so the most common of those wins over the most common form."""
+    mixed = [f for f, _ in forms.most_common() if f != f.lower() and f != f.upper()]
+    return tag_words(mixed[0] if mixed else forms.most_common(1)[0][0])

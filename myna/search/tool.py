@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from myna.data.pairs import HASHTAG, hashtags_of
 from myna.data.schema import created_seconds
-from myna.search.terms import tag_words
+from myna.search.terms import written_tag_words
 
 TOOL = "search"
 POSTS = 5  # posts a search hands the model, at most: fewer when they do not fit its context
@@ -130,7 +130,7 @@ def tool_dialogues(
                     {
                         "role": "user",
                         "content": QUESTIONS[n % len(QUESTIONS)].format(
-                            topic=tag_words(written[tag].most_common(1)[0][0])
+                            topic=written_tag_words(written[tag])
                         ),
                     },
                     {"role": "assistant", "content": None, "tool_calls": [search_call(f"#{tag}")]},

@@ -323,7 +323,7 @@ def embed_tune(
     max_tag_posts: int = 10,  # a hashtag on more posts than this names a broad topic, not what two posts share
     # the kinds of pairs to train on: search wants posts about the same thing (hashtag, reply, quote); dialogue
     # turns teach what answers a text, and keep the chat's own turns close
-    kinds: str = "reply,quote,hashtag,dialogue",
+    kinds: str = "reply,quote,hashtag,query,dialogue",
     max_tokens: int = 128,  # a text's first tokens that count (<|bos|> included)
     held_out_pairs: int = 1000,  # held-out pairs whose retrieval is measured
     max_chat_loss_rise: float = 0.05,  # nats of held-out assistant loss the tuning may cost before it warns
