@@ -150,9 +150,8 @@ class Synthetic:
 
     def __init__(self, topics: int = 2000, spread: float = 0.6):
         rng = np.random.default_rng(1234)
-        self.scale = (1 / np.sqrt(np.arange(1, DIM + 1))).astype(
-            np.float32
-        )  # variance decays with the direction
+        # variance decays with the direction
+        self.scale = (1 / np.sqrt(np.arange(1, DIM + 1))).astype(np.float32)
         self.basis = np.linalg.qr(rng.standard_normal((DIM, DIM)))[0].astype(np.float32)
         self.centers = (rng.standard_normal((topics, DIM)).astype(np.float32) * self.scale) @ self.basis.T
         offset = rng.standard_normal(DIM).astype(np.float32)

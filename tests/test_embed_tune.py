@@ -17,8 +17,9 @@ from myna.data.pipeline import CORPUS_SCHEMA
 from myna.data.schema import new_post
 from myna.data.threads import write_jsonl
 from myna.infer.engine import Engine
+from myna.model import pad_right
 from myna.runs import load_model, read_config
-from myna.train.embed_tune import PairLoader, embed_ids, embed_tune
+from myna.train.embed_tune import PairLoader, embed_tune, pooled
 
 TUNE = {
     "steps": 40,
@@ -134,11 +135,14 @@ def test_embed_tune_improves_retrieval_and_still_chats(sft_run: Path, tune_data:
     config = read_config(out)
     assert config["stage"] == "embed-tune" and Path(config["base"]).parent.parent == sft_run
 
-    # what training measured is what the engine embeds
+    # what training pools is what the engine embeds
     loaded = load_model(out)
     ids = [loaded.tokenizer.document(t) for t in ("my bag is lost", "thanks, that helped a lot #happy")]
+    idx, lengths = pad_right(ids, loaded.tokenizer.pad_id)
+    with torch.no_grad():
+        trained = pooled(loaded.model.hidden(idx), lengths)
     with Engine(loaded.model, loaded.tokenizer, max_batch=2) as engine:
-        torch.testing.assert_close(embed_ids(loaded.model, ids, loaded.tokenizer.pad_id), engine.embed(ids))
+        torch.testing.assert_close(trained, engine.embed(ids))
 
     # every verb takes the tuned run: it still generates a reply
     result = myna("generate", "--ckpt", str(out), "--prompt", "my flight is late", "--chat", "--json")

@@ -66,6 +66,24 @@ def read_corpus(path: Path) -> dict[str, list]:
     return pq.read_table(path, columns=CORPUS_COLUMNS).to_pydict()
 
 
+def hashtag_carriers(
+    corpus: dict[str, list], split: str | None = None
+) -> tuple[dict[tuple[str, str], list[int]], dict[str, Counter]]:
+    """(split, tag) -> the rows that carry the tag (case-folded, without '#'), and tag -> how its posts wrote it
+    (form -> count: "PrayForVisayas" shows where the words break); only the rows of `split` when given."""
+    carriers: dict[tuple[str, str], list[int]] = defaultdict(list)
+    written: dict[str, Counter] = defaultdict(Counter)
+    for i, (text, listed, side) in enumerate(
+        zip(corpus["text"], corpus["hashtags"], corpus["split"], strict=True)
+    ):
+        if split is None or side == split:
+            for tag in hashtags_of(text, listed):
+                carriers[(side, tag)].append(i)
+            for form in [*(listed or []), *HASHTAG.findall(text)]:
+                written[form.casefold()][form] += 1
+    return carriers, written
+
+
 def corpus_pairs(corpus: dict[str, list], max_tag_posts: int) -> tuple[dict[str, list[Pair]], Counter]:
     """split -> the reply, quote and hashtag pairs of corpus.parquet's columns; and counts of pairs left out
     because their posts fall on different sides of the split (`cross_split_reply`, `cross_split_quote`)."""
@@ -83,13 +101,7 @@ def corpus_pairs(corpus: dict[str, list], max_tag_posts: int) -> tuple[dict[str,
                 continue
             pairs[splits[i]].append(Pair(texts[j], texts[i], kind, f"{kind}:{other}"))
 
-    carriers: dict[tuple[str, str], list[int]] = defaultdict(list)  # (split, tag) -> rows
-    written: dict[str, Counter] = defaultdict(Counter)  # how a tag is written, for its words (PrayForVisayas)
-    for i, (text, listed) in enumerate(zip(texts, corpus["hashtags"], strict=True)):
-        for tag in hashtags_of(text, listed):
-            carriers[(splits[i], tag)].append(i)
-        for form in [*(listed or []), *HASHTAG.findall(text)]:
-            written[form.casefold()][form] += 1
+    carriers, written = hashtag_carriers(corpus)
     for (split, tag), rows in sorted(carriers.items()):
         if len(rows) < 2:
             continue

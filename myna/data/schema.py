@@ -14,9 +14,7 @@ POST_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),  # the platform's id, or "<file stem>:<line>" when absent
         pa.field("author_id", pa.string()),
-        pa.field(
-            "author_name", pa.string()
-        ),  # the author's screen name without '@', where the source gives it
+        pa.field("author_name", pa.string()),  # screen name without '@', where the source gives it
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
         pa.field("text", pa.string(), nullable=False),  # full, untruncated, HTML entities unescaped
         pa.field("lang", pa.string()),  # as the source states it (ISO 639-1, "und" when unknown)

@@ -39,9 +39,8 @@ class RankSettings:
     max_run: int = 2  # Earlybird's limit of consecutive results by one author
 
 
-MAX_RANKED = (
-    1000  # BM25 ranks a query's most recently indexed matches, this many: each costs FTS5 microseconds
-)
+# BM25 ranks a query's most recently indexed matches, this many: each costs FTS5 microseconds
+MAX_RANKED = 1000
 FEW_RANKED = 32  # FTS5 scores a set of posts given by rowid at about a millisecond each
 FEW_ALLOWED = 10_000  # dense search scores the posts a query's constraints allow when they are this few
 
@@ -124,12 +123,16 @@ def sql_filters(q: Query, people_only: bool = False) -> tuple[str, list]:
     return " AND ".join(where) or "1", args
 
 
+def _excluded_expression(q: Query) -> str:
+    """The MATCH expression of the posts the query excludes ("" when it excludes none)."""
+    return " OR ".join(_fts_phrase(p) for p in q.must_not)
+
+
 def _exclusions(q: Query) -> tuple[str, list]:
     """SQL that drops posts matching an exclusion, for candidates that did not come through the FTS expression."""
     if not q.must_not:
         return "1", []
-    expr = " OR ".join(_fts_phrase(p) for p in q.must_not)
-    return "p.rowid NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)", [expr]
+    return "p.rowid NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)", [_excluded_expression(q)]
 
 
 # --- retrievers ---
@@ -205,7 +208,7 @@ def dense(index: SearchIndex, q: Query, embedder: Embedder, limit: int) -> list[
     # the posts that match the tags and phrases, and those that match an exclusion, read once: FTS5 is slow to
     # test one post at a time against a common word
     required = _matching(index, hard)
-    excluded = _matching(index, " OR ".join(_fts_phrase(p) for p in q.must_not)) or set()
+    excluded = _matching(index, _excluded_expression(q)) or set()
     fetch = limit * 4 if constrained else limit
     while True:  # widen the net until enough candidates pass the constraints, or all were seen
         rowids, scores = index.vector_index.search(vec, fetch, allowed=mask)
@@ -227,7 +230,7 @@ def _allowed(
         rowids = np.flatnonzero(mask) + 1
         if where != "1":
             rowids = _passing(index, rowids.tolist(), where, args, None, set())
-        excluded = _matching(index, " OR ".join(_fts_phrase(p) for p in q.must_not)) or set()
+        excluded = _matching(index, _excluded_expression(q)) or set()
         required = _matching(index, hard)
         return [int(r) for r in rowids if r not in excluded and (required is None or r in required)]
     if where == "1" and not hard:

@@ -12,9 +12,8 @@ import numpy as np
 
 from myna.search.query import Filters
 
-NO_TIME = np.iinfo(
-    np.int64
-).min  # created_at of a post without a time: before every since:, before every until:
+# created_at of a post without a time: before every since:, before every until:
+NO_TIME = np.iinfo(np.int64).min
 
 
 class Signals:

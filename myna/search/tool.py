@@ -15,10 +15,9 @@ model trained on it learns to ground its words in what the tool returned. Nothin
 """
 
 import re
-from collections import Counter, defaultdict
 from datetime import UTC, datetime
 
-from myna.data.pairs import HASHTAG, hashtags_of
+from myna.data.pairs import hashtag_carriers
 from myna.data.schema import created_seconds
 from myna.search.terms import written_tag_words
 
@@ -51,9 +50,8 @@ def format_posts(posts: list[dict], chars: int = POST_CHARS) -> str:
             if p["created_at"]
             else "undated"
         )
-        text = " ".join(_URL.sub("(link)", p["text"]).split())[
-            :chars
-        ]  # a link's letters tell the model nothing
+        # a link's letters tell the model nothing
+        text = " ".join(_URL.sub("(link)", p["text"]).split())[:chars]
         lines.append(f"[{n}] @{p['author'] or 'unknown'} ({when}): {text}")
     return "\n".join(lines)
 
@@ -93,18 +91,8 @@ def tool_dialogues(
 ) -> list[dict]:
     """At most `limit` dialogues from the train posts of corpus.parquet's columns (id, author_id, author_name,
     created_at, text, hashtags, split): one per hashtag carried by at least MIN_POSTS of them, the most carried first."""
-    carriers: dict[str, list[int]] = defaultdict(list)
-    written: dict[str, Counter] = defaultdict(
-        Counter
-    )  # how the tag is written, for its words (PrayForVisayas)
-    for i, (text, listed, split) in enumerate(
-        zip(corpus["text"], corpus["hashtags"], corpus["split"], strict=True)
-    ):
-        if split == "train":
-            for tag in hashtags_of(text, listed):
-                carriers[tag].append(i)
-            for form in [*(listed or []), *HASHTAG.findall(text)]:
-                written[form.casefold()][form] += 1
+    by_split, written = hashtag_carriers(corpus, "train")
+    carriers = {tag: rows for (_, tag), rows in by_split.items()}
     topics = sorted(
         (t for t, rows in carriers.items() if len(rows) >= MIN_POSTS), key=lambda t: (-len(carriers[t]), t)
     )

@@ -55,10 +55,8 @@ class VectorIndex:
             if nprobe < nlist // 2:  # past half of the lists, exact search is as cheap
                 params = faiss.SearchParametersIVF(nprobe=nprobe)
                 if allowed is not None:
-                    bits = np.packbits(allowed, bitorder="little")
-                    params.sel = faiss.IDSelectorBitmap(
-                        n, faiss.swig_ptr(bits)
-                    )  # bits must outlive the search
+                    bits = np.packbits(allowed, bitorder="little")  # must outlive the search
+                    params.sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
                 scores, rows = self.ivf.search(query[None].astype(np.float32), k, params=params)
                 found = rows[0] >= 0  # faiss pads with -1 when the scanned lists hold fewer than k
                 return rows[0][found] + 1, scores[0][found]

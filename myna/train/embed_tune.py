@@ -43,6 +43,7 @@ from myna.data.pairs import (
     text_key,
     unique,
 )
+from myna.infer.engine import embed_ids
 from myna.io import atomic_write
 from myna.model import lm_loss, mean_pool, pad_right
 from myna.runs import load_model, read_metrics, start_run
@@ -63,7 +64,6 @@ from myna.train.tuning import (
 )
 
 LR_SCALE = 0.3  # peak lr = the tuned run's own peak lr x this: small steps keep the chat model it was
-EMBED_CHUNK = 64  # texts per forward when embedding for evaluation
 CHAT_PROMPT = "my flight was cancelled and nobody at the gate can tell me anything"
 
 
@@ -183,20 +183,9 @@ def embed_loss_fn(temperature: float, lm_weight: float):
     return loss_fn
 
 
-@torch.no_grad()
-def embed_ids(model, ids_batch: list[list[int]], pad_id: int) -> torch.Tensor:
-    """[N, n_embd]: what Engine.embed returns for these ids (tested equal), on the model's device."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(ids_batch), EMBED_CHUNK):
-        idx, lengths = pad_right(ids_batch[start : start + EMBED_CHUNK], pad_id)
-        out.append(pooled(model.hidden(idx.to(device)), lengths.to(device)))
-    return torch.cat(out)
-
-
 def retrieval(model, pairs: list[Pair], ids: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """Each text's partner ranked among the partners of all the pairs (both directions): MRR and recall@1, overall
-    and for each kind present."""
+    and for each kind present. The vectors are the engine's own (embed_ids), which `pooled` trains."""
     a = embed_ids(model, [x for x, _ in ids], pad_id)
     b = embed_ids(model, [y for _, y in ids], pad_id)
     ranks = []
