@@ -11,15 +11,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from helpers import SAMPLE, myna
+from live_server import KEY, LiveServer, error_of
 
 from myna.data import readers
 from myna.data.threads import write_jsonl
 from myna.infer.chat import ChatSession, Turn, parse_call
 from myna.infer.engine import Engine, SamplingParams
+from myna.moderation import Policy
 from myna.runs import load_model
 from myna.search.ask import search_tool
 from myna.search.index import SearchIndex, load_embedder
 from myna.search.tool import TOOL, check_citations, tool_dialogues
+from myna.serve.api import create_app
+from myna.serve.config import ServeConfig
 from myna.template import render
 from myna.train.sft import sft
 
@@ -194,3 +198,199 @@ def test_sample_dialogues_call_search(sample_data: Path):
     assert [json.loads(x)["messages"][0] for x in made] == [d["messages"][0] for d in expected] and made
     summary = json.loads((sample_data / ".stages" / "threads.json").read_text())["summary"]
     assert summary["dialogues_calling_search"] == len(made)
+
+
+SEARCH_FUNCTION = {
+    "type": "function",
+    "function": {
+        "name": TOOL,
+        "description": "search the posts",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+    },
+}
+
+
+def serving(run: Path):
+    server = LiveServer(create_app(run, ServeConfig(api_key=KEY, policy=Policy.off())))
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_run: Path):
+    yield from serving(tool_run)
+
+
+@pytest.mark.slow
+def test_api_tool_calls_round_trip(tool_server, sample_data: Path, serve_index: Path):
+    """OpenAI's tool loop over /v1/chat/completions with the openai client: the tuned model calls search, the
+    client runs it and sends the posts back as a tool message, the model answers citing them."""
+    made = [
+        json.loads(x)
+        for x in (sample_data / "dialogues.jsonl").read_text().splitlines()
+        if '"tool_calls"' in x
+    ]
+    client = tool_server.client()
+    idx = SearchIndex.open(serve_index)
+    tool = search_tool(
+        idx, load_embedder(idx.path, idx.meta), load_model(tool_server.app.state.server.run_dir).tokenizer
+    )
+    calls = 0
+    for d in made[:5]:
+        messages = [d["messages"][0]]
+        r = client.chat.completions.create(
+            model="run", messages=messages, tools=[SEARCH_FUNCTION], max_tokens=40, temperature=0
+        )
+        (c,) = r.choices
+        if c.finish_reason != "tool_calls":
+            continue
+        calls += 1
+        (call,) = c.message.tool_calls
+        assert call.type == "function" and call.function.name == TOOL and call.id.startswith("call_")
+        query = json.loads(call.function.arguments)["query"]
+        assert isinstance(query, str) and query
+        result = tool.run({"query": query}, room=120)
+        messages += [
+            c.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": result.content},
+        ]
+        answer = client.chat.completions.create(model="run", messages=messages, max_tokens=40, temperature=0)
+        assert answer.choices[0].message.content is not None and answer.choices[0].finish_reason in (
+            "stop",
+            "length",
+        )
+    assert calls >= 3, f"the tuned model called search for {calls} of 5 questions over the API"
+
+
+@pytest.mark.slow
+def test_api_tool_choice_and_stream(tool_server):
+    client = tool_server.client()
+    # tool_choice "none": the reply may not call, so the call token never stops it
+    r = client.chat.completions.create(
+        model="run",
+        messages=[{"role": "user", "content": "what are people saying about the floods?"}],
+        tools=[SEARCH_FUNCTION],
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason != "tool_calls"
+    # a named function: the reply is that call, whatever the model would have said
+    other = {
+        "type": "function",
+        "function": {
+            "name": "lookup_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    r = client.chat.completions.create(
+        model="run",
+        messages=[{"role": "user", "content": "hello"}],
+        tools=[SEARCH_FUNCTION, other],
+        tool_choice={"type": "function", "function": {"name": "lookup_weather"}},
+        max_tokens=8,
+        temperature=0,
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"} and r.usage.completion_tokens > 0
+    # streamed: no text deltas for a forced call, then one delta with the call and finish_reason tool_calls
+    chunks = list(
+        client.chat.completions.create(
+            model="run",
+            messages=[{"role": "user", "content": "hello"}],
+            tools=[SEARCH_FUNCTION],
+            tool_choice="required",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)
+    (called,) = [d.tool_calls for d in deltas if d.tool_calls]
+    assert called[0].function.name == TOOL and "query" in json.loads(called[0].function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"tools": [{"type": "retrieval"}]}, "tools[0]: expected"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [SEARCH_FUNCTION, SEARCH_FUNCTION]}, "named twice"),
+        ({"tools": "search"}, "tools: expected a list"),
+        ({"tool_choice": "required"}, "tool_choice: only allowed when tools are given"),
+        (
+            {"tools": [SEARCH_FUNCTION], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "no tool named 'x'",
+        ),
+        ({"tools": [SEARCH_FUNCTION], "tool_choice": "sometimes"}, "tool_choice: expected"),
+        (
+            {"tools": [SEARCH_FUNCTION], "parallel_tool_calls": "yes"},
+            "parallel_tool_calls: expected true or false",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": TOOL, "arguments": "{oops"}}
+                        ],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.arguments: not JSON",
+        ),
+    ],
+)
+def test_api_tools_refused_with_the_field_named(live_sft, body, message):
+    response = live_sft.request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "run", "messages": [{"role": "user", "content": "hi"}], **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert response.status == 400, response.body
+    assert message in error_of(response)["message"]
+
+
+@pytest.fixture(scope="module")
+def live_sft(sft_run: Path):
+    yield from serving(sft_run)
+
+
+def test_api_tool_call_that_misses_an_argument_is_reported(live_sft):
+    """A call whose arguments lack what the schema requires is not passed off as a call."""
+    strict = {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+                "required": ["a", "b", "zz_never_written"],
+            },
+        },
+    }
+    response = live_sft.request(
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "run",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [strict],
+            "tool_choice": "required",
+            "max_tokens": 4,
+        },
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    body = response.json()
+    assert response.status == 200 and body["choices"][0]["finish_reason"] != "tool_calls"
+    assert "tool_calls" not in body["choices"][0]["message"] and body["myna"]["tool_call_error"]

@@ -160,10 +160,6 @@ class ChatSession:
         call, written = self._write_call(ids)
         if "error" in call:
             result = ToolResult(f"error: {call['error']}", note=f"tool call not understood: {call['error']}")
-        elif call["name"] not in self.tools:
-            result = ToolResult(
-                f"error: no tool named {call['name']!r}", note=f"unknown tool {call['name']!r}"
-            )
         else:
             room = prompt_budget(self.engine.max_len, self.params.max_tokens) - len(ids) - CALL_TOKENS
             result = self.tools[call["name"]].run(call["arguments"], room)
@@ -175,25 +171,55 @@ class ChatSession:
         self.messages.append({"role": "tool", "content": result.content})
 
     def _write_call(self, ids: list[int]) -> tuple[dict, str]:
-        """The call after the tool-call token, and its text. With one tool the model writes only the value of its
-        argument and the rest of the JSON is fixed, as grammar-constrained decoding would have it (a small model
-        gets the name and the braces wrong); with several it writes the whole call."""
-        tok = self.engine.tokenizer
-        stops = turn_stop_ids(tok)
-        if len(self.tools) == 1:
-            ((name, tool),) = self.tools.items()
-            prefix = json.dumps({"name": name, "arguments": {tool.argument: ""}})[:-3]  # ... {"query": "
-            params = SamplingParams(max_tokens=CALL_TOKENS, temperature=0, stop=('"}',), stop_token_ids=stops)
-            value = self.engine.generate(ids + tok.encode(prefix), params).text
-            try:
-                value = json.loads(f'"{value}"')  # the model's escapes (\" in a phrase query)
-            except json.JSONDecodeError:
-                pass
-            return {"name": name, "arguments": {tool.argument: value}}, prefix + value
-        written = self.engine.generate(
-            ids, SamplingParams(max_tokens=CALL_TOKENS, temperature=0, stop_token_ids=stops)
-        ).text
-        return parse_call(written), written
+        """The call after the tool-call token at the end of `ids`, and its text."""
+        spec = call_prompt(self.engine.tokenizer, ids, {n: t.argument for n, t in self.tools.items()})
+        return read_call(spec, self.engine.generate(spec.ids, spec.params).text)
+
+
+@dataclass
+class CallPrompt:
+    """What the model is given to write a tool call after the tool-call token, and how to read what it writes.
+
+    The JSON the model would only get wrong is fixed, as grammar-constrained decoding would have it (a small model
+    gets the name and the braces wrong): with one tool its name, and when that tool takes one string argument, all
+    but the argument's value. With several tools the model writes the whole call."""
+
+    ids: list[int]  # the conversation up to the tool-call token, then the fixed prefix
+    params: SamplingParams
+    prefix: str  # the call's JSON fixed before the model writes
+    tools: dict[str, str | None]  # the tools it may call -> the one string argument the model writes, or None
+
+
+def call_prompt(tok, ids: list[int], tools: dict[str, str | None]) -> CallPrompt:
+    params = SamplingParams(max_tokens=CALL_TOKENS, temperature=0, stop_token_ids=turn_stop_ids(tok))
+    prefix = ""
+    if len(tools) == 1:
+        ((name, argument),) = tools.items()
+        if argument is None:
+            # {"name": "NAME", "arguments":
+            prefix = json.dumps({"name": name, "arguments": ""})[:-2]
+        else:
+            # {"name": "NAME", "arguments": {"ARG": "   and the value ends at its closing quote
+            prefix = json.dumps({"name": name, "arguments": {argument: ""}})[:-3]
+            params = replace(params, stop=('"}',))
+    return CallPrompt(ids + tok.encode(prefix), params, prefix, tools)
+
+
+def read_call(spec: CallPrompt, written: str) -> tuple[dict, str]:
+    """({"name", "arguments"} or {"error": why}, the call's whole JSON text) from what the model wrote."""
+    if spec.params.stop:
+        ((name, argument),) = spec.tools.items()
+        try:
+            value = json.loads(f'"{written}"')  # the model's escapes (\" in a phrase query)
+        except json.JSONDecodeError:
+            value = written
+        call = {"name": name, "arguments": {argument: value}}
+        return call, json.dumps(call, ensure_ascii=False)
+    text = spec.prefix + written
+    call = parse_call(text)
+    if "error" not in call and call["name"] not in spec.tools:
+        call = {"error": f"no tool named {call['name']!r}"}
+    return call, text
 
 
 def parse_call(written: str) -> dict:

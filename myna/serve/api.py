@@ -2,7 +2,7 @@
 
     GET  /health                 200 when the model is ready, 503 while it loads (no key needed)
     GET  /v1/models              the one model this server holds (also GET /v1/models/{id})
-    POST /v1/chat/completions    chat, plain or streamed (SSE: chat.completion.chunk ... data: [DONE])
+    POST /v1/chat/completions    chat, plain or streamed (SSE: chat.completion.chunk ... data: [DONE]), with tools
     POST /v1/completions         raw continuation of a prompt, plain or streamed
     POST /v1/embeddings          mean-pooled final hidden states, L2-normalised (float or base64)
     POST /v1/search              posts from the search index (myna serve --index), Top or Latest
@@ -53,7 +53,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from myna.infer.engine import Engine, SamplingParams, set_cpu_threads
+from myna.infer.chat import CallPrompt, call_prompt, read_call
+from myna.infer.engine import Completion, Engine, SamplingParams, set_cpu_threads
 from myna.infer.engine import Request as EngineRequest
 from myna.moderation import Policy, Report, StreamGuard, moderate_exchange
 from myna.progress import log
@@ -70,7 +71,9 @@ from myna.serve.protocol import (
     APIError,
     Context,
     ReplyForm,
+    ToolUse,
     chat_messages,
+    chat_tools,
     check_fields,
     choice,
     chunk_choice,
@@ -83,6 +86,7 @@ from myna.serve.protocol import (
     sampling_params,
     sse,
     token_ids,
+    tool_call_body,
     usage,
 )
 from myna.serve.search import Question, Searcher, answer_body, question_of
@@ -228,6 +232,10 @@ class Generation:
     prompt_text: str  # what moderation checks: the prompt, or a chat's newest user turn
     report: Report  # moderation of prompt_text
     context: Context
+    tools: ToolUse | None = None  # the tools the reply may call
+    call: CallPrompt | None = (
+        None  # the call the reply must be (tool_choice "required" or named), set to write
+    )
 
     @property
     def echo(self) -> str:
@@ -254,10 +262,25 @@ def prepare_chat(server: Server, raw: bytes) -> Generation:
     context = Context.fit(
         len(prompt.ids), requested, max_len, dropped_turns=prompt.dropped_turns, truncated=prompt.truncated
     )
-    params = replace(params, stop_token_ids=turn_stop_ids(tok), max_tokens=context.max_tokens)
+    stops, call = turn_stop_ids(tok), None
+    if (tools := chat_tools(body)) is not None:
+        if (call_id := _call_id(tok)) is None:
+            raise invalid("tools: this model's chat format has no tool-call token to call them with", "tools")
+        if tools.forced:
+            call = call_prompt(tok, [*prompt.ids, call_id], tools.tools)
+        # the reply may call a tool: generation stops at the call token, then the call is written
+        stops += (call_id,)
+    params = replace(params, stop_token_ids=stops, max_tokens=context.max_tokens)
     report = moderate_exchange(server.policy, user_text)
     return Generation(
-        form=form, ids=prompt.ids, params=params, prompt_text=user_text, report=report, context=context
+        form=form,
+        ids=prompt.ids,
+        params=params,
+        prompt_text=user_text,
+        report=report,
+        context=context,
+        tools=tools,
+        call=call,
     )
 
 
@@ -382,9 +405,18 @@ class Reply:
     gen: Generation
     head: dict  # what every part of it repeats: OpenAI's id, object, created, model and system_fingerprint
 
-    def whole(self, text: str, finish: str, counts: dict, moderation: Report) -> JSONResponse:
-        choices = [choice(self.gen.form.chat, text, finish)]
+    def whole(
+        self, text: str, finish: str, counts: dict, moderation: Report, call: dict | None = None
+    ) -> JSONResponse:
+        ok = call is not None and "error" not in call
+        choices = [
+            choice(
+                self.gen.form.chat, text, "tool_calls" if ok else finish, tool_call_body(call) if ok else None
+            )
+        ]
         myna = {"context": asdict(self.gen.context), "moderation": moderation.to_dict()}
+        if call is not None and not ok:
+            myna["tool_call_error"] = call["error"]
         body = {**self.head, "choices": choices, "usage": counts, "myna": myna}
         return JSONResponse(body, headers=self.gen.context.headers())
 
@@ -393,8 +425,15 @@ class Reply:
         headers = {**self.gen.context.headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventSourceResponse(events, headers=headers)
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False, **extra) -> bytes:
-        choices = [chunk_choice(self.gen.form.chat, text, finish, first)]
+    def chunk(
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        tool_calls: list[dict] | None = None,
+        **extra,
+    ) -> bytes:
+        choices = [chunk_choice(self.gen.form.chat, text, finish, first, tool_calls)]
         counts = (
             {"usage": None} if self.gen.form.include_usage else {}
         )  # null until the last chunk, as OpenAI's
@@ -423,7 +462,7 @@ async def complete(request: Request, job: Job, prepare: Callable[[Server, bytes]
     reply = Reply(gen, head_of(server, gen))
     if gen.report.blocked:
         return refusal(reply)
-    job.submit(gen.ids, gen.params)
+    job.submit(*((gen.call.ids, gen.call.params) if gen.call else (gen.ids, gen.params)))
     if gen.form.stream:
         return reply.stream(stream_events(server, reply, job))
     return await whole_reply(request, server, reply, job)
@@ -448,15 +487,47 @@ def refusal(reply: Reply) -> Response:
 
 async def whole_reply(request: Request, server: Server, reply: Reply, job: Job) -> Response:
     """The completion once it is done, moderated, in one JSON object."""
+    gen = reply.gen
     completion = await _finished(request, job)
-    if completion is None:  # nobody is listening; the status only shows in the access log
+    written = await _write_call(server, gen, job, completion, partial(_finished, request, job))
+    if completion is None or written is None:  # nobody is listening; the status only shows in the access log
         return Response(status_code=499)
-    report = await moderate(server, reply.gen.prompt_text, completion.text)
-    text, finish = reply.gen.echo + completion.text, completion.finish_reason
+    call, call_tokens = written
+    text = "" if gen.call else completion.text
+    report = await moderate(server, gen.prompt_text, text)
+    text, finish = gen.echo + text, completion.finish_reason
     if report.blocked:
-        text, finish = report.message, "content_filter"
+        text, finish, call = report.message, "content_filter", None
     server.served += 1
-    return reply.whole(text, finish, usage(completion.prompt_tokens, completion.completion_tokens), report)
+    counts = usage(len(gen.ids), completion.completion_tokens + call_tokens)
+    return reply.whole(text, finish, counts, report, call)
+
+
+def _call_id(tok) -> int | None:
+    return tok.special_ids.get(tok.chat.tool_call) if tok.chat.tool_call else None
+
+
+async def _write_call(
+    server: Server, gen: Generation, job: Job, completion: Completion | None, wait: Callable
+) -> tuple[dict | None, int] | None:
+    """The tool call a completion is or ends in, written in the shared batch like the reply: (the call or
+    {"error": why}, tokens it took), (None, 0) when the reply calls nothing, None when the client left."""
+    if completion is None:
+        return None
+    if gen.call is not None:
+        # the completion is the call (tool_choice made the reply one)
+        spec, written = gen.call, completion
+    elif gen.tools is not None and completion.token_ids[-1:] == [_call_id(server.loaded.tokenizer)]:
+        ids = [*gen.ids, *completion.token_ids]
+        spec = call_prompt(server.loaded.tokenizer, ids, gen.tools.tools)
+        job.submit(spec.ids, spec.params)
+        if (written := await wait()) is None:
+            return None
+    else:
+        return None, 0
+    call, _ = read_call(spec, written.text)
+    extra = 0 if written is completion else written.completion_tokens
+    return (call if "error" in call else gen.tools.check(call)), extra
 
 
 async def stream_events(server: Server, reply: Reply, job: Job) -> AsyncIterator[bytes]:
@@ -466,7 +537,8 @@ async def stream_events(server: Server, reply: Reply, job: Job) -> AsyncIterator
     yield reply.chunk(gen.echo, first=True, myna={"context": asdict(gen.context)})
     guard = StreamGuard(server.policy)  # holds back the words a block term could still complete
     try:
-        async for delta in generation.astream():
+        # a reply that must be a call streams no text: the call comes whole, once written
+        async for delta in generation.astream() if gen.call is None else _nothing():
             if shown := guard.feed(delta):
                 yield reply.chunk(shown)
             if guard.blocked:
@@ -476,21 +548,32 @@ async def stream_events(server: Server, reply: Reply, job: Job) -> AsyncIterator
             if rest := guard.finish():
                 yield reply.chunk(rest)
         completion = await generation.aresult()
+        call, call_tokens = await _write_call(server, gen, job, completion, lambda: job.generation.aresult())
     except Exception as e:  # the engine failed mid-stream: say so in OpenAI's streamed-error shape
         yield sse(error_body(500, f"generation failed: {type(e).__name__}: {e}"))
         yield sse("[DONE]")
         return
     job.finished = True
     report = await moderate(server, gen.prompt_text, guard.text)
-    finish = completion.finish_reason
+    finish, myna = completion.finish_reason, {"moderation": report.to_dict()}
     if report.blocked:  # the held-back words completed a block term: they and the rest are withheld
-        finish = "content_filter"
+        finish, call = "content_filter", None
         yield reply.chunk(("\n\n" if guard.sent else "") + report.message)
-    yield reply.chunk(None, finish, myna={"moderation": report.to_dict()})
+    if call is not None and "error" in call:
+        myna["tool_call_error"] = call["error"]
+    elif call is not None:
+        finish = "tool_calls"
+        yield reply.chunk(None, tool_calls=[{"index": 0, **tool_call_body(call)}])
+    yield reply.chunk(None, finish, myna=myna)
     if gen.form.include_usage:
-        yield reply.usage_chunk(completion.completion_tokens)
+        yield reply.usage_chunk(completion.completion_tokens + call_tokens)
     yield sse("[DONE]")
     server.served += 1
+
+
+async def _nothing() -> AsyncIterator[str]:
+    return
+    yield
 
 
 async def _disconnected(request: Request) -> None:

@@ -3,6 +3,8 @@ of a response. Nothing here knows the model or the server; myna/serve/api.py doe
 
 import asyncio
 import json
+import re
+import uuid
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -14,7 +16,9 @@ from myna.template import check_messages
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_EMBED_INPUTS = 2048  # inputs per embeddings request, as OpenAI allows
+MAX_TOOLS = 128  # function tools per request, as OpenAI allows
 MAX_JSON_DEPTH = 32  # lists and objects nested in a body; OpenAI's requests nest a handful deep
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOO_DEEP = f"the body nests lists and objects more than {MAX_JSON_DEPTH} levels deep"
 
 # Fields each endpoint reads. Others that OpenAI defines are accepted only at the value that means "off" (the
@@ -32,6 +36,7 @@ SAMPLING_FIELDS = {
 }
 EXTRA_FIELDS = {"top_k", "repetition_penalty"}  # vLLM-style extensions, sent by clients as extra_body
 CHAT_FIELDS = SAMPLING_FIELDS | EXTRA_FIELDS | {"messages", "max_completion_tokens"}
+CHAT_FIELDS |= {"tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | EXTRA_FIELDS | {"prompt", "echo"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 OFF_VALUES = {
@@ -43,12 +48,10 @@ OFF_VALUES = {
     "frequency_penalty": (0,),
     "logit_bias": ({},),
     "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "response_format": ({"type": "text"},),
 }
-CHAT_OFF = ("n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "tools")
-CHAT_OFF += ("tool_choice", "response_format")
+CHAT_OFF = ("n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
+CHAT_OFF += ("response_format",)
 COMPLETION_OFF = ("n", "best_of", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "suffix")
 
 
@@ -239,7 +242,8 @@ def reply_form(body: dict, chat: bool) -> ReplyForm:
 
 
 def chat_messages(body: dict) -> list[dict]:
-    """OpenAI messages as the template takes them: text content parts joined, "developer" read as "system"."""
+    """OpenAI messages as the template takes them: text content parts joined, "developer" read as "system", an
+    assistant's tool calls as {"name", "arguments"} with the arguments parsed."""
     messages = body.get("messages")
     if isinstance(messages, list):
         out = []
@@ -250,6 +254,8 @@ def chat_messages(body: dict) -> list[dict]:
                     m["role"] = "system"
                 if isinstance(m.get("content"), list):
                     m["content"] = _text_parts(m["content"], f"messages[{i}].content")
+                if m.get("tool_calls") is not None:
+                    m["tool_calls"] = _message_calls(m["tool_calls"], f"messages[{i}].tool_calls")
             out.append(m)
         messages = out
     try:
@@ -266,6 +272,122 @@ def _text_parts(parts: list, where: str) -> str:
             raise invalid(f"{where}[{j}]: only text parts are supported, got {kind!r}", "messages")
         texts.append(part["text"])
     return "".join(texts)
+
+
+def _message_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool calls, as a client sends them back: [{"id", "type": "function", "function":
+    {"name", "arguments": a JSON string}}] -> [{"name", "arguments": an object}], the shape the model was taught."""
+    if not isinstance(calls, list):
+        raise invalid(f"{where}: expected a list of tool calls", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(
+                f'{where}[{j}]: expected {{"type": "function", "function": {{"name", "arguments"}}}}',
+                "messages",
+            )
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as e:
+                raise invalid(f"{where}[{j}].function.arguments: not JSON ({e})", "messages") from e
+        if not isinstance(arguments, dict):
+            raise invalid(f"{where}[{j}].function.arguments: expected a JSON object", "messages")
+        out.append({"name": fn["name"], "arguments": arguments})
+    return out
+
+
+@dataclass
+class ToolUse:
+    """The function tools a chat request lets the reply call (OpenAI's tools and tool_choice).
+
+    The tool definitions are not shown to the model: Myna's models learn their tools (search) in SFT, and an
+    imported model's template is read without its tool prompt. What the request names decides which calls the model
+    may make and how much of the call's JSON is fixed for it (see myna/infer/chat.py CallPrompt)."""
+
+    tools: dict[
+        str, str | None
+    ]  # name -> its one string argument, which alone the model writes; None: all of them
+    required: dict[str, list[str]]  # name -> the arguments its parameters' schema requires
+    forced: bool  # tool_choice "required" or a named function: the reply is a call
+
+    def check(self, call: dict) -> dict:
+        """The call, or {"error": why} when it lacks an argument its schema requires."""
+        missing = [a for a in self.required.get(call.get("name"), []) if a not in call.get("arguments", {})]
+        return {"error": f"{call['name']}: missing required argument {missing[0]!r}"} if missing else call
+
+
+def chat_tools(body: dict) -> ToolUse | None:
+    """The request's tools, or None when the reply may call none (no tools, or tool_choice "none")."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            raise invalid("tool_choice: only allowed when tools are given", "tool_choice")
+        if tools not in (None, []):
+            raise invalid(f"tools: expected a list of at most {MAX_TOOLS} function tools", "tools")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise invalid(f"tools: expected a list of at most {MAX_TOOLS} function tools", "tools")
+    found: dict[str, str | None] = {}
+    required: dict[str, list[str]] = {}
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function":
+            raise invalid(
+                f'{where}: expected {{"type": "function", "function": {{"name", "parameters"}}}}', "tools"
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise invalid(
+                f"{where}.function.name: expected 1-64 letters, digits, _ or -, got {json.dumps(name)}",
+                "tools",
+            )
+        if name in found:
+            raise invalid(f"{where}.function.name: {name!r} is named twice", "tools")
+        schema = fn.get("parameters", {"type": "object"})
+        properties = schema.get("properties", {}) if isinstance(schema, dict) else None
+        needs = schema.get("required", []) if isinstance(schema, dict) else None
+        if (
+            not isinstance(properties, dict)
+            or schema.get("type", "object") != "object"
+            or not isinstance(needs, list)
+            or not all(isinstance(a, str) for a in needs)
+        ):
+            raise invalid(
+                f"{where}.function.parameters: expected a JSON Schema of type object with properties and required",
+                "tools",
+            )
+        ((argument, spec),) = properties.items() if len(properties) == 1 else ((None, None),)
+        found[name] = argument if isinstance(spec, dict) and spec.get("type") == "string" else None
+        required[name] = needs
+    flag_field(body, "parallel_tool_calls")  # either way a reply makes at most one call
+    if choice in (None, "auto", "required"):
+        return ToolUse(found, required, forced=choice == "required")
+    if choice == "none":
+        return None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise invalid(
+            'tool_choice: expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
+    if name not in found:
+        raise invalid(f"tool_choice: no tool named {name!r} among the tools", "tool_choice")
+    return ToolUse({name: found[name]}, required, forced=True)
+
+
+def tool_call_body(call: dict) -> dict:
+    """A call as OpenAI's responses carry it: arguments as a JSON string, and an id the tool message names."""
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": arguments},
+    }
 
 
 def token_ids(value, vocab_size: int, where: str) -> list[int]:
@@ -325,19 +447,26 @@ def sse(data: dict | str) -> bytes:
     return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data, ensure_ascii=False))
 
 
-def choice(chat: bool, text: str, finish: str) -> dict:
-    """The one choice of a whole (not streamed) response."""
+def choice(chat: bool, text: str, finish: str, call: dict | None = None) -> dict:
+    """The one choice of a whole (not streamed) response; `call` is a tool call in OpenAI's shape."""
     if not chat:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     message = {"role": "assistant", "content": text, "refusal": None}
+    if call is not None:
+        message.update(content=text or None, tool_calls=[call])
     return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
 
 
-def chunk_choice(chat: bool, text: str | None, finish: str | None, first: bool) -> dict:
-    """The one choice of a streamed chunk: the first opens the assistant turn, text None carries finish_reason."""
+def chunk_choice(
+    chat: bool, text: str | None, finish: str | None, first: bool, tool_calls: list[dict] | None = None
+) -> dict:
+    """The one choice of a streamed chunk: the first opens the assistant turn, text None carries finish_reason
+    or the tool calls."""
     if not chat:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
     delta = (
         {"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text}
     )
+    if tool_calls:
+        delta = {"tool_calls": tool_calls}
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
