@@ -2,6 +2,7 @@
 tiny base pre-trained on it and the runs tuned from that base, and the chat-template run the serving tests use."""
 
 import gzip
+import itertools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,12 +13,14 @@ import torch
 from helpers import AIRLINES, BAD_LINES, COFFEE_POSTS, SAMPLE, SFT_ARGS, airline_dialogues
 
 from myna.config import preset
+from myna.data import readers
 from myna.data.pipeline import PrepareConfig, prepare
 from myna.data.threads import write_jsonl
 from myna.eval.classify import ClassifySettings
 from myna.eval.run import evaluate_run
 from myna.model import GPT
 from myna.search import index as search_index
+from myna.search.tool import tool_dialogues
 from myna.template import render
 from myna.tokenizer import train_tokenizer
 from myna.train import checkpoint
@@ -93,6 +96,31 @@ def sft_run(base_run: Path, chat_data: Path, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sft") / "run"
     sft(base_run, chat_data, run, **SFT_ARGS)
     return run
+
+
+@pytest.fixture(scope="session")
+def made() -> list[dict]:
+    """Dialogues made from the hashtags of the bundled sample's first 20,000 CrisisLex tweets."""
+    rows = [
+        r for r in itertools.islice(readers.read_posts(SAMPLE / "posts" / "crisislex_t26.csv.gz"), 20_000)
+    ]
+    columns = {
+        k: [r[k] for r in rows if isinstance(r, dict)]
+        for k in ("id", "author_id", "created_at", "text", "hashtags")
+    }
+    # one short post each: the test tokenizer's 512 ids spend about two characters a token, in 256 positions
+    return tool_dialogues(
+        {**columns, "split": ["train"] * len(columns["id"])}, 300, posts_each=1, post_chars=60
+    )
+
+
+@pytest.fixture(scope="session")
+def tool_run(base_run: Path, made: list[dict], tmp_path_factory) -> Path:
+    """The tiny base tuned on the made dialogues alone, so that it learns the call."""
+    data = tmp_path_factory.mktemp("tool-sft")
+    write_jsonl(data / "dialogues.jsonl", made)
+    sft(base_run, data, data / "run", steps=60, lr=3e-3, seq_len=256, eval_every=60, save_every=60)
+    return data / "run"
 
 
 @pytest.fixture(scope="session")

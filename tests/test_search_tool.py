@@ -2,7 +2,6 @@
 and a tiny model tuned on the made dialogues calling search from `ChatSession`, the call running on a real index
 and the answer's citations checked against what it returned."""
 
-import itertools
 import json
 import re
 from datetime import UTC, datetime
@@ -10,11 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import SAMPLE, myna
+from helpers import myna
 from live_server import KEY, LiveServer, error_of
 
-from myna.data import readers
-from myna.data.threads import write_jsonl
 from myna.infer.chat import ChatSession, Turn, parse_call
 from myna.infer.engine import Engine, SamplingParams
 from myna.moderation import Policy
@@ -25,7 +22,6 @@ from myna.search.tool import TOOL, check_citations, tool_dialogues
 from myna.serve.api import create_app
 from myna.serve.config import ServeConfig
 from myna.template import render
-from myna.train.sft import sft
 
 
 def corpus(rows: list[tuple]) -> dict[str, list]:
@@ -86,31 +82,6 @@ def test_parse_call(written, expected):
         assert set(found) == {"error"} and expected["error"] in found["error"]
     else:
         assert found == expected
-
-
-@pytest.fixture(scope="module")
-def made() -> list[dict]:
-    """Dialogues made from the hashtags of the bundled sample's first 20,000 CrisisLex tweets."""
-    rows = [
-        r for r in itertools.islice(readers.read_posts(SAMPLE / "posts" / "crisislex_t26.csv.gz"), 20_000)
-    ]
-    columns = {
-        k: [r[k] for r in rows if isinstance(r, dict)]
-        for k in ("id", "author_id", "created_at", "text", "hashtags")
-    }
-    # one short post each: the test tokenizer's 512 ids spend about two characters a token, in 256 positions
-    return tool_dialogues(
-        {**columns, "split": ["train"] * len(columns["id"])}, 300, posts_each=1, post_chars=60
-    )
-
-
-@pytest.fixture(scope="module")
-def tool_run(base_run: Path, made: list[dict], tmp_path_factory) -> Path:
-    """The tiny base tuned on the made dialogues alone, so that it learns the call."""
-    data = tmp_path_factory.mktemp("tool-sft")
-    write_jsonl(data / "dialogues.jsonl", made)
-    sft(base_run, data, data / "run", steps=60, lr=3e-3, seq_len=256, eval_every=60, save_every=60)
-    return data / "run"
 
 
 @pytest.mark.slow

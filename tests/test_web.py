@@ -3,6 +3,7 @@ message and watch the reply stream in, keep two conversations and switch between
 system prompt and settings, show the server's error; search with operators, Top and Latest, and ask. Screenshots
 go to $MYNA_TEST_ARTIFACTS (default tests/artifacts/) for a person to look at."""
 
+import json
 import os
 from pathlib import Path
 
@@ -213,5 +214,63 @@ def test_search_tab_orders_highlights_explains_and_asks(sft_run, serve_index, pa
         page.click("#answer-text a.cite")
         expect(page.locator("#post-1")).to_have_class("post flash")
         page.screenshot(path=str(ARTIFACTS / "web_ask.png"))
+    finally:
+        live.stop()
+
+
+def test_chat_calls_search_on_a_server_with_an_index(tool_run, serve_index, sample_data, page):
+    """On a server with an index the page offers the model its search tool: the tuned tiny model calls it, the page
+    runs the search on /v1/search, shows the call and the posts, sends them back and shows the answer."""
+    live = LiveServer(create_app(tool_run, ServeConfig(index=serve_index, policy=Policy.off())))
+    try:
+        live.wait_ready()
+        # the page's defaults at temperature 0: find a question this model answers with a search call
+        sampling = {"temperature": 0, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1, "max_tokens": 40}
+        made = [
+            json.loads(x)
+            for x in (sample_data / "dialogues.jsonl").read_text().splitlines()
+            if '"tool_calls"' in x
+        ]
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "search",
+                "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+            },
+        }
+        body = {"model": "run", "tools": [tool], **sampling}
+        question = next(
+            q
+            for q in (d["messages"][0]["content"] for d in made[:10])
+            if live.request(
+                "POST", "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": q}]}
+            ).json()["choices"][0]["finish_reason"]
+            == "tool_calls"
+        )
+        page.goto(live.url + "/")
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "40")
+        page.fill("#input", question)
+        page.press("#input", "Enter")
+        tool_turn = page.locator("#messages .msg.tool")
+        expect(tool_turn).to_have_count(1, timeout=15000)
+        notes = page.locator("#messages .msg.assistant").first.locator(".notes")
+        expect(notes).to_contain_text("searched:")
+        # the tool's answer is what /v1/search gives for the model's query, as the chat model reads posts
+        query = json.loads(notes.inner_text().split("searched: ", 1)[1].splitlines()[0])
+        found = live.request("POST", "/v1/search", {"query": query, "limit": 3}).json()
+        expect(tool_turn.locator(".content")).to_have_text(found["tool_text"] or "no posts found")
+        expect(tool_turn.locator(".notes")).to_have_text(f"{len(found['data'])} post(s) found")
+        answer = page.locator("#messages .msg.assistant").last
+        expect(answer).to_have_attribute("data-state", "done", timeout=15000)
+        expect(page.locator("#send")).to_be_enabled()
+        roles = page.eval_on_selector_all("#messages .msg", "els => els.map(e => e.className)")
+        assert (
+            roles[0] == "msg user"
+            and roles[1:3] == ["msg assistant", "msg tool"]
+            and roles[-1] == "msg assistant"
+        )
+        page.screenshot(path=str(ARTIFACTS / "web_chat_search.png"))
     finally:
         live.stop()

@@ -19,6 +19,7 @@ from myna.search.ask import POSTS, Answer, AskPrompt, ask_prompt
 from myna.search.index import Embedder, SearchIndex, SearchIndexError, fingerprint
 from myna.search.query import QueryError, parse
 from myna.search.rank import Hit, search
+from myna.search.tool import format_posts
 from myna.serve.protocol import check_fields, flag_field, invalid, number_field
 from myna.tokenizer import Tokenizer
 
@@ -109,6 +110,8 @@ class Searcher:
             "order": order,
             "data": [post_item(h, explain) for h in results.hits],
             "retrievers": results.retrievers,
+            # the posts as the chat model reads a search's result: the page's tool loop sends it back as is
+            "tool_text": format_posts([h.post for h in results.hits]),
         }
 
     def prompt(self, q: Question, tokenizer: Tokenizer, max_len: int) -> AskPrompt:

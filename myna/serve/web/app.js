@@ -4,6 +4,18 @@
 // The Search tab is search.js, loaded after this file.
 
 const STORE = "myna.chat.v1"; // {conversations: [...], current: id}
+const MAX_TOOL_CALLS = 2; // searches in one reply, as in `myna chat`; after them the model answers with what it has
+const SEARCH_POSTS = 3; // posts a search hands the model
+// With a search index the chat offers the model its search tool (OpenAI's tools): the model decides to call it,
+// the page runs the search on /v1/search and sends the posts back as the tool's message.
+const SEARCH_TOOL = {
+  type: "function",
+  function: {
+    name: "search",
+    description: "search the posts",
+    parameters: { type: "object", properties: { query: { type: "string" } }, required: ["query"] },
+  },
+};
 const SETTINGS = "myna.settings.v1";
 const DEFAULTS = { temperature: 0.8, top_p: 0.95, top_k: 50, repetition_penalty: 1.1, max_tokens: "", seed: "", api_key: "" };
 const NUMBERS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed"];
@@ -86,7 +98,7 @@ function messageElement(msg) {
   el.dataset.state = msg.streaming ? "streaming" : "done";
   const content = document.createElement("div");
   content.className = "content";
-  content.textContent = msg.content;
+  content.textContent = msg.content || "";
   const notes = document.createElement("ul");
   notes.className = "notes";
   for (const note of msg.notes || []) {
@@ -235,22 +247,45 @@ function moderationNotes(report) {
   return [`moderation ${report.blocked ? "blocked" : "labelled"}: ` + parts.filter(Boolean).join("; ")];
 }
 
+// A message as the API takes it back: an assistant's tool calls and the id a tool's answer names ride along.
+function apiMessage(m) {
+  const out = { role: m.role, content: m.content || (m.tool_calls ? null : "") };
+  if (m.tool_calls) out.tool_calls = m.tool_calls;
+  if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
+  return out;
+}
+
 async function send(text) {
   hideError();
   const conv = current();
-  const history = conv.messages.filter((m) => !m.error).map((m) => ({ role: m.role, content: m.content }));
-  const messages = [...(conv.system ? [{ role: "system", content: conv.system }] : []), ...history, { role: "user", content: text }];
   conv.messages.push({ role: "user", content: text });
   if (conv.title === "New chat") conv.title = text.slice(0, 48);
+  const controller = new AbortController();
+  setStreaming({ conv, controller });
+  try {
+    for (let calls = 0; ; calls++) {
+      const reply = await streamReply(conv, controller, state.health?.search && calls < MAX_TOOL_CALLS);
+      if (!reply?.tool_calls) break;
+      await runTool(conv, reply.tool_calls[0], controller);
+    }
+  } finally {
+    setStreaming(null);
+    saveState();
+    render();
+  }
+}
+
+// One generation of the assistant's turn, streamed into a new message; it may end in a tool call.
+async function streamReply(conv, controller, tools) {
+  const history = conv.messages.filter((m) => !m.error).map(apiMessage);
+  const messages = [...(conv.system ? [{ role: "system", content: conv.system }] : []), ...history];
   const reply = { role: "assistant", content: "", notes: [], streaming: true };
   conv.messages.push(reply);
   saveState();
   render();
-
-  const controller = new AbortController();
-  setStreaming({ conv, controller });
   try {
     const body = { model: state.model, messages, stream: true, stream_options: { include_usage: true }, ...samplingFields() };
+    if (tools) body.tools = [SEARCH_TOOL];
     const response = await fetch("v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const data of sseData(response.body)) {
@@ -259,12 +294,15 @@ async function send(text) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.myna?.context) reply.notes.push(...contextNotes(chunk.myna.context));
       if (chunk.myna?.moderation) reply.notes.push(...moderationNotes(chunk.myna.moderation));
+      if (chunk.myna?.tool_call_error) reply.notes.push("the model's search call was not valid: " + chunk.myna.tool_call_error);
       const choice = chunk.choices?.[0];
       if (choice?.delta?.content) reply.content += choice.delta.content;
+      if (choice?.delta?.tool_calls) reply.tool_calls = choice.delta.tool_calls.map(({ index, ...call }) => call);
       if (choice?.finish_reason === "length") reply.notes.push("stopped at the max-tokens limit");
       if (chunk.usage) reply.usage = chunk.usage;
       renderReply(conv, reply);
     }
+    return reply;
   } catch (e) {
     if (e.name === "AbortError") {
       reply.notes.push("stopped");
@@ -273,12 +311,42 @@ async function send(text) {
       reply.notes.push(e.message);
       showError(e.message);
     }
+    return null;
   } finally {
     reply.streaming = false;
-    setStreaming(null);
-    saveState();
     renderReply(conv, reply);
   }
+}
+
+// The model's search call run on this server's index; the posts join the conversation as the tool's answer.
+async function runTool(conv, call, controller) {
+  const call_msg = conv.messages[conv.messages.length - 1];
+  let query = "";
+  try {
+    query = JSON.parse(call.function.arguments).query;
+  } catch {
+    // the server checked the call's JSON; an unreadable one ends the reply before this
+  }
+  call_msg.notes.push(`searched: "${query}"`);
+  const tool = { role: "tool", tool_call_id: call.id, content: "", notes: [] };
+  conv.messages.push(tool);
+  try {
+    const response = await fetch("v1/search", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ query, limit: SEARCH_POSTS }),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorText(response));
+    const results = await response.json();
+    tool.content = results.tool_text || "no posts found";
+    tool.notes.push(`${results.data.length} post(s) found`);
+  } catch (e) {
+    tool.content = "error: " + e.message;
+    tool.notes.push(tool.content);
+  }
+  saveState();
+  render();
 }
 
 async function checkHealth() {
