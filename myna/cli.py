@@ -561,7 +561,7 @@ def pretrain_parser(sp: argparse.ArgumentParser) -> None:
 def sft_parser(sp: argparse.ArgumentParser) -> None:
     from myna.train.sft import sft
 
-    train_parser(sft, ["base", "data", "out", "steps", "resume", "parallel", "compile"])(sp)
+    train_parser(sft, ["base", "data", "out", "steps", "resume", "parallel", "compile", "tool_repeat"])(sp)
 
 
 def dpo_parser(sp: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import pytest
 from helpers import myna
 from live_server import KEY, LiveServer, error_of
 
+from myna.data.threads import write_jsonl
 from myna.infer.chat import ChatSession, Turn, parse_call
 from myna.infer.engine import Engine, SamplingParams
 from myna.moderation import Policy
@@ -22,6 +23,7 @@ from myna.search.tool import TOOL, check_citations, tool_dialogues
 from myna.serve.api import create_app
 from myna.serve.config import ServeConfig
 from myna.template import render
+from myna.train.sft import sft
 
 
 def corpus(rows: list[tuple]) -> dict[str, list]:
@@ -365,3 +367,22 @@ def test_api_tool_call_that_misses_an_argument_is_reported(live_sft):
     body = response.json()
     assert response.status == 200 and body["choices"][0]["finish_reason"] != "tool_calls"
     assert "tool_calls" not in body["choices"][0]["message"] and body["myna"]["tool_call_error"]
+
+
+def test_sft_repeats_the_dialogues_that_call_a_tool(
+    base_run: Path, made: list[dict], chat_data: Path, tmp_path
+):
+    """tool_repeat puts each training dialogue with a call in an epoch that many times; the others once."""
+    data = tmp_path / "data"
+    data.mkdir()
+    plain = [json.loads(x) for x in (chat_data / "dialogues.jsonl").read_text().splitlines()[:10]]
+    write_jsonl(data / "dialogues.jsonl", plain + made[:20])
+    stats = {}
+    for repeat in (1, 3):
+        sft(base_run, data, tmp_path / f"run{repeat}", steps=1, tool_repeat=repeat, seq_len=256)
+        stats[repeat] = json.loads((tmp_path / f"run{repeat}" / "config.json").read_text())["data_stats"]
+    calling = stats[1]["tool_dialogues"]
+    assert calling > 0 and stats[3]["tool_dialogues"] == 3 * calling and stats[3]["tool_repeat"] == 3
+    assert stats[3]["train"] == stats[1]["train"] + 2 * calling
+    with pytest.raises(ValueError, match="tool_repeat: expected 1..100"):
+        sft(base_run, data, tmp_path / "bad", steps=1, tool_repeat=0)

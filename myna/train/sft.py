@@ -94,6 +94,10 @@ def fit_turns(r: Rendered, limit: int) -> tuple[list, list, str]:
     return [r.ids[i] for i in chosen], [r.targets[i] for i in chosen], status
 
 
+def calls_tool(dialogue: dict) -> bool:
+    return any(m.get("tool_calls") for m in dialogue["messages"])
+
+
 def encode_dialogue(messages: list[dict], tok: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, y) of one conversation, at most seq_len long: y[i] = x's next token where it is assistant output, else
     -1; and fit_turns' status."""
@@ -256,6 +260,7 @@ def sft(
     resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
     parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
     compile: bool = False,  # torch.compile the model
+    tool_repeat: int = 1,  # times each training dialogue with a tool call appears an epoch (they are few)
     on_step=None,
     **overrides,
 ) -> dict:
@@ -281,6 +286,10 @@ def sft(
         tcfg = tuned_config(base_config["train"], LR_SCALE, {**overrides, "compile": compile}, mcfg)
 
         train_d = [d for d, v in zip(dialogues, side, strict=True) if not v]
+        if not 1 <= tool_repeat <= 100:
+            raise ValueError(f"tool_repeat: expected 1..100, got {tool_repeat}")
+        # a model that sees a call in 2.5% of its dialogues (the sample's share) learns to answer without it
+        train_d += [d for d in train_d if calls_tool(d)] * (tool_repeat - 1)
         val_d = [d for d, v in zip(dialogues, side, strict=True) if v]
         train_set, stats = encode_dialogues(train_d, tok, tcfg.seq_len)
         val_set, val_stats = encode_dialogues(val_d, tok, tcfg.seq_len)
@@ -304,6 +313,8 @@ def sft(
             "truncated_turns_dropped": stats["dropped"] + val_stats["dropped"],
             "truncated_turn_cut": stats["cut"] + val_stats["cut"],
             "no_target": stats["no_target"] + val_stats["no_target"],
+            "tool_dialogues": sum(map(calls_tool, train_d)),
+            "tool_repeat": tool_repeat,
             "rows_per_epoch": train_loader.rows_per_epoch,
             "fill": sum(train_loader.lengths) / (train_loader.rows_per_epoch * tcfg.seq_len),
         }
