@@ -2,10 +2,14 @@
 
 Nothing about moderation lives in the model's weights. A `Policy` names categories (hate, sexual, scam, ...), and
 for each an action: "allow" (not checked), "label" (reported in the response) or "block" (a request is refused
-before generation; a reply is withheld). Until a classifier exists, a category is a list of keyword terms (and,
-for what terms can't express, regular expressions). Whatever the policy does is reported: a `Verdict` says which
-categories triggered, on which terms, with what action, and a blocked request or reply carries a message that
-names the category.
+before generation; a reply is withheld). A category is a list of keyword terms (and, for what terms can't express,
+regular expressions), and may add model-based rules: example phrases matched by embedding similarity, and a
+classifier folder (myna/eval/classify.py) whose label probability is a score. Model-based rules need a model:
+`Policy.bind(embedder)` after it loads; they are scored (myna/safety.py) on complete texts only, so the stream
+guard stays keyword-only. The same file serves brand safety (myna/ads/safety.py), which reads the per-category
+"tiers" that moderation ignores. Whatever the policy does is reported: a `Verdict` says which categories
+triggered, on which terms or rules, with what action, and a blocked request or reply carries a message that names
+the category.
 
 How terms match (precision first: a label that fires on "class" for "ass" is noise):
 - Text is NFKC-normalised and casefolded (so fullwidth and "mathematical bold" letters match plain ones), and
@@ -28,12 +32,27 @@ import json
 import re
 import tomllib
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ACTIONS = ("allow", "label", "block")  # in order of strictness
 DEFAULT_KEYWORDS = Path(__file__).with_name("moderation_keywords.json")
 MAX_POLICY_BYTES = 16 << 20  # keyword lists of every category, with room to spare
+# brand safety's tiers, most severe first; "low" is what no threshold reaches
+TIER_NAMES = ("floor", "high", "medium")
+RUN_PREFIX = "run:"  # a classifier path under the run the policy is bound to, not beside the policy file
+_CATEGORY_FIELDS = (
+    "action",
+    "terms",
+    "patterns",
+    "keyword_score",
+    "examples",
+    "similarity",
+    "classifier",
+    "label",
+    "threshold",
+    "tiers",
+)
 DEFAULT_REFUSAL = (
     "This request was not answered: it falls under this server's moderation policy ({categories})."
 )
@@ -95,6 +114,18 @@ class Category:
     action: str = "label"
     terms: list[str] = field(default_factory=list)  # words or phrases, matched as whole words
     patterns: list[str] = field(default_factory=list)  # regular expressions, searched in the normalised text
+    # the score a term or pattern match gives: a mention may be a milder tier than a model's confident call
+    keyword_score: float = 1.0
+    examples: list[str] = field(default_factory=list)  # phrases whose embedding a text's is compared with
+    similarity: float | None = None  # the cosine at which an example match scores 0.5 (fires)
+    classifier: str | None = None  # a classifier folder: absolute, or "run:" + a path inside the bound run
+    label: str | None = None  # the classifier label whose probability is the score
+    threshold: float = 0.5  # a model score at or above this triggers the category in moderation
+    tiers: dict[str, float] = field(default_factory=dict)  # brand safety: tier name -> lowest score in it
+
+    @property
+    def model_based(self) -> bool:
+        return bool(self.examples or self.classifier)
 
 
 @dataclass
@@ -146,6 +177,8 @@ class Policy:
     )
     withheld: str = DEFAULT_WITHHELD  # shown instead of a blocked reply
     source: str = "<policy>"  # where it came from, named in errors
+    # what scores the model-based categories once `bind` gave it a model (a myna.safety.Scorer)
+    scorer: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._index: dict[str, list[_Entry]] = {}  # squeezed words joined by " " -> the terms that read so
@@ -187,6 +220,17 @@ class Policy:
             self._prefixes.add(" ".join(squeezed[:n]))
         return len(words)
 
+    def bind(self, embedder) -> None:
+        """Score the model-based categories with this model (a myna.search.index.Embedder) from now on: their
+        examples are embedded now, and a classifier folder that is missing or broken raises here, naming it."""
+        from myna.safety import Scorer
+
+        self.scorer = Scorer(self, embedder)
+
+    @property
+    def model_categories(self) -> list[str]:
+        return [n for n, c in self.categories.items() if c.model_based]
+
     # -- building ------------------------------------------------------------------------------------------------
 
     @classmethod
@@ -209,7 +253,8 @@ class Policy:
                             "brand": {"action": "label", "terms": ["rival inc"], "patterns": ["rival\\\\.com"]}},
              "refusal": "...{categories}...", "withheld": "...{categories}..."}
 
-        A category the base policy lacks must bring terms or patterns; its action defaults to "label"."""
+        A category the base policy lacks must bring terms, patterns, examples or a classifier; its action defaults
+        to "label". The scoring fields a category may add are listed under `from_dict`."""
         path = Path(path)
         if (size := path.stat().st_size) > MAX_POLICY_BYTES:
             raise ValueError(f"{path}: {size:,} bytes, over the {MAX_POLICY_BYTES:,} a policy file may be")
@@ -219,11 +264,20 @@ class Policy:
         except (ValueError, UnicodeDecodeError) as e:
             kind = "TOML" if path.suffix == ".toml" else "JSON"
             raise ValueError(f"{path}: not valid {kind}: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), base=path.parent)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<policy>") -> "Policy":
-        """A policy from the file format described in `load`."""
+    def from_dict(cls, data: dict, source: str = "<policy>", base: Path | None = None) -> "Policy":
+        """A policy from the file format described in `load`; a classifier path is relative to `base` (the policy
+        file's folder; by default the working directory).
+
+        Scoring fields of a category, all optional:
+            "keyword_score": 1.0                              # the score a term or pattern match gives
+            "examples": ["phrase", ...], "similarity": 0.9   # cosine to the nearest example at which it fires
+            "classifier": "path/or/run:path", "label": "1"     # that label's calibrated probability is the score
+            "threshold": 0.5                                  # the score at which moderation triggers it
+            "tiers": {"floor": 0.9, "high": 0.7, "medium": 0.5}  # brand safety: the lowest score of each tier
+        A category's model fields replace the base policy's; its examples, like its terms, add to them."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected an object at the top, got {type(data).__name__}")
         unknown = set(data) - {"about", "extends", "categories", "refusal", "withheld"}
@@ -235,9 +289,16 @@ class Policy:
         extends = data.get("extends", "default")
         if extends not in ("default", "none"):
             raise ValueError(f"{source}: extends: expected 'default' or 'none', got {extends!r}")
-        base = cls.default() if extends == "default" else cls()
+        base_policy = cls.default() if extends == "default" else cls()
         categories = {
-            name: Category(c.action, list(c.terms), list(c.patterns)) for name, c in base.categories.items()
+            name: replace(
+                c,
+                terms=list(c.terms),
+                patterns=list(c.patterns),
+                examples=list(c.examples),
+                tiers=dict(c.tiers),
+            )
+            for name, c in base_policy.categories.items()
         }
         given = data.get("categories", {})
         if not isinstance(given, dict):
@@ -248,12 +309,12 @@ class Policy:
             where = f"{source}: categories.{name}"
             if not isinstance(spec, dict):
                 raise ValueError(f"{where}: expected an object with action, terms, patterns")
-            unknown = set(spec) - {"action", "terms", "patterns"}
+            unknown = set(spec) - set(_CATEGORY_FIELDS)
             if unknown:
                 raise ValueError(
-                    f"{where}: unknown field {sorted(unknown)[0]!r}; expected action, terms, patterns"
+                    f"{where}: unknown field {sorted(unknown)[0]!r}; expected {', '.join(_CATEGORY_FIELDS)}"
                 )
-            for key in ("terms", "patterns"):
+            for key in ("terms", "patterns", "examples"):
                 if not isinstance(spec.get(key, []), list):
                     raise ValueError(f"{where}.{key}: expected a list of strings")
             for i, term in enumerate(
@@ -262,24 +323,37 @@ class Policy:
                 _term_words(term, f"{where}.terms[{i}]")
             for i, pattern in enumerate(spec.get("patterns", [])):
                 _compile(pattern, f"{where}.patterns[{i}]")
+            model = _model_fields(spec, where, base or Path.cwd())
             if name not in categories:
-                if not spec.get("terms") and not spec.get("patterns"):
+                if not any(spec.get(k) for k in ("terms", "patterns", "examples", "classifier")):
                     known = ", ".join(categories) or "none"
                     raise ValueError(
-                        f"{where}: unknown category (known: {known}); a new category needs terms or patterns"
+                        f"{where}: unknown category (known: {known}); a new category needs terms, patterns, "
+                        "examples or a classifier"
                     )
                 categories[name] = Category()
             cat = categories[name]
             cat.action = spec.get("action", cat.action)
             cat.terms += spec.get("terms", [])
             cat.patterns += spec.get("patterns", [])
+            cat.examples += model.pop("examples", [])
+            for key, value in model.items():
+                setattr(cat, key, value)
+            if cat.examples and cat.similarity is None:
+                raise ValueError(
+                    f"{where}.similarity: required with examples (the cosine at which one fires)"
+                )
+            if cat.classifier and cat.label is None:
+                raise ValueError(
+                    f"{where}.label: required with a classifier (whose probability is the score)"
+                )
         for key in ("refusal", "withheld"):
             if key in data and not isinstance(data[key], str):
                 raise ValueError(f"{source}: {key}: expected a string, got {type(data[key]).__name__}")
         return cls(
             categories,
-            refusal=data.get("refusal", base.refusal),
-            withheld=data.get("withheld", base.withheld),
+            refusal=data.get("refusal", base_policy.refusal),
+            withheld=data.get("withheld", base_policy.withheld),
             source=source,
         )
 
@@ -287,10 +361,7 @@ class Policy:
         """The whole policy in the file format (standalone: extends "none"), e.g. to publish it or to edit it."""
         return {
             "extends": "none",
-            "categories": {
-                name: {"action": c.action, "terms": list(c.terms), "patterns": list(c.patterns)}
-                for name, c in self.categories.items()
-            },
+            "categories": {name: _category_dict(c) for name, c in self.categories.items()},
             "refusal": self.refusal,
             "withheld": self.withheld,
         }
@@ -298,8 +369,24 @@ class Policy:
     # -- checking ------------------------------------------------------------------------------------------------
 
     def check(self, text: str) -> Verdict:
-        """Every category that is not "allow", against the whole text."""
-        return self.scan(text, {n for n, c in self.categories.items() if c.action != "allow"})
+        """Every category that is not "allow", against the whole text: keywords, and the model-based rules of a
+        bound policy (an unbound policy with model-based categories raises: they are never silently passed)."""
+        checked = {n for n, c in self.categories.items() if c.action != "allow"}
+        verdict = self.scan(text, checked)
+        model = [n for n in self.model_categories if n in checked]
+        if not model:
+            return verdict
+        if self.scorer is None:
+            raise RuntimeError(
+                f"{self.source}: categories {', '.join(model)} are model-based; bind the policy to a model "
+                "(Policy.bind) before checking text"
+            )
+        found = {h.category: h.matches for h in verdict.categories}
+        for name, (score, rule) in self.scorer.model_scores([text])[0].items():
+            if name in model and score >= self.categories[name].threshold:
+                found.setdefault(name, []).append(rule)
+        hits = [CategoryHit(n, c.action, found[n]) for n, c in self.categories.items() if n in found]
+        return Verdict(max((h.action for h in hits), key=ACTIONS.index, default="allow"), hits)
 
     def scan(self, text: str, categories: set[str], complete: bool = True) -> Verdict:
         """The named categories against the text; complete=False ignores a word still being written at its end."""
@@ -329,6 +416,64 @@ class Policy:
         hits = [CategoryHit(n, c.action, found[n]) for n, c in self.categories.items() if n in found]
         action = max((h.action for h in hits), key=ACTIONS.index, default="allow")
         return Verdict(action, hits)
+
+
+def _model_fields(spec: dict, where: str, base: Path) -> dict:
+    """The model-based fields a category spec gives, checked, with the classifier path resolved against base."""
+    out: dict = {}
+    if "examples" in spec:
+        for i, example in enumerate(spec["examples"]):
+            if not isinstance(example, str) or not example.strip():
+                raise ValueError(f"{where}.examples[{i}]: expected a non-empty string, got {example!r}")
+        out["examples"] = list(spec["examples"])
+    for key in ("keyword_score", "similarity", "threshold"):
+        if key in spec:
+            out[key] = _unit(spec[key], f"{where}.{key}")
+    if "classifier" in spec:
+        path = spec["classifier"]
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{where}.classifier: expected a folder path, got {path!r}")
+        out["classifier"] = path if path.startswith(RUN_PREFIX) else str((base / path).resolve())
+    if "label" in spec:
+        label = spec["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise ValueError(f"{where}.label: expected a label name or id, got {label!r}")
+        out["label"] = str(label)
+    if "tiers" in spec:
+        tiers = spec["tiers"]
+        if not isinstance(tiers, dict) or not tiers:
+            raise ValueError(f"{where}.tiers: expected an object of {', '.join(TIER_NAMES)} -> lowest score")
+        for name in tiers:
+            if name not in TIER_NAMES:
+                raise ValueError(f"{where}.tiers: unknown tier {name!r}; expected {', '.join(TIER_NAMES)}")
+        out["tiers"] = {t: _unit(tiers[t], f"{where}.tiers.{t}") for t in TIER_NAMES if t in tiers}
+        # a more severe tier must need at least the score of a milder one
+        values = list(out["tiers"].values())
+        if values != sorted(values, reverse=True):
+            raise ValueError(f"{where}.tiers: floor >= high >= medium, got {tiers}")
+    return out
+
+
+def _unit(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{where}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _category_dict(c: Category) -> dict:
+    """A category in the file format: its keyword fields always, its model-based fields where set."""
+    out: dict = {"action": c.action, "terms": list(c.terms), "patterns": list(c.patterns)}
+    if c.keyword_score != 1.0:
+        out["keyword_score"] = c.keyword_score
+    if c.examples:
+        out |= {"examples": list(c.examples), "similarity": c.similarity}
+    if c.classifier:
+        out |= {"classifier": c.classifier, "label": c.label}
+    if c.model_based:
+        out["threshold"] = c.threshold
+    if c.tiers:
+        out["tiers"] = dict(c.tiers)
+    return out
 
 
 def _term_words(term: str, where: str) -> list[str]:
