@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.markup import escape
@@ -399,8 +400,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
         idx = SearchIndex.open(args.index)
         tools[TOOL] = search_tool(idx, load_embedder(idx.path, idx.meta), loaded.tokenizer)
+    policy = _policy(args.policy)
+    if policy.model_categories:  # the policy's example and classifier rules run on this model
+        from myna.search.index import Embedder
+
+        policy.bind(Embedder.of(loaded))
     with Engine(loaded.model, loaded.tokenizer, max_batch=1) as engine:
-        session = ChatSession(engine, _sampling(args), _policy(args.policy), args.system or "", tools)
+        session = ChatSession(engine, _sampling(args), policy, args.system or "", tools)
         run_terminal(session)
 
 
@@ -624,7 +630,7 @@ def chat_parser(sp: argparse.ArgumentParser) -> None:
 def serve_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ckpt", required=True, help=CKPT_HELP)
     names = ["host", "port", "allowed_hosts", "api_key", "max_concurrency", "policy", "device", "compile"]
-    serve_flags(sp, [*names, "index", "header_timeout", "body_timeout"])
+    serve_flags(sp, [*names, "index", "ads", "ads_log", "ads_policy", "header_timeout", "body_timeout"])
     sp.set_defaults(fn=cmd_serve)
 
 
@@ -802,6 +808,133 @@ def search_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_search)
 
 
+def cmd_ads(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from myna.ads import show
+
+    if args.action == "click":
+        from myna.ads.log import AdLog
+
+        if not args.impression:
+            sys.exit("myna ads click: error: --impression is required")
+        print(AdLog(args.log).record_click(args.impression, datetime.now(UTC)))
+        return
+    if not args.ckpt:
+        sys.exit(f"myna ads {args.action}: error: --ckpt is required")
+    if args.action == "match":
+        from myna.ads.service import match, match_request, open_matcher
+
+        if not args.inventory or not args.texts:
+            sys.exit("myna ads match: error: --inventory and --text are required")
+        fields = {
+            "kind": args.kind,
+            "texts": args.texts,
+            "lang": args.lang,
+            "user": args.user,
+            "time": args.at,
+        }
+        fields["slot"], fields["record"] = args.slot, args.record
+        request = match_request({k: v for k, v in fields.items() if v is not None})
+        matcher = open_matcher(args.inventory, args.ckpt, args.log, args.policy, Path(args.log) / "cache")
+        result = match(matcher, request)
+        print(json.dumps(result, ensure_ascii=False)) if args.json else show.print_match(result)
+    elif args.action == "write":
+        from myna.ads.copy import Brief, write_copy
+        from myna.ads.safety import BrandSafety
+        from myna.infer.engine import Engine, set_cpu_threads
+        from myna.runs import load_model
+
+        if not args.brief or not args.brand:
+            sys.exit("myna ads write: error: --brief and --brand are required")
+        set_cpu_threads("cpu")
+        brief = Brief(
+            args.brief, args.brand, tuple(w.strip() for w in (args.banned or "").split(",") if w.strip())
+        )
+        loaded = load_model(args.ckpt)
+        with Engine(loaded.model, loaded.tokenizer, max_batch=max(args.n, 1)) as engine:
+            written = write_copy(
+                engine, brief, args.n, BrandSafety.load(args.policy, args.ckpt), not args.no_lead
+            )
+        print(json.dumps(written.to_dict(), ensure_ascii=False)) if args.json else show.print_copy(
+            written.to_dict()
+        )
+    elif args.action == "safety":
+        from myna.ads.safety import BrandSafety
+
+        if not args.texts:
+            sys.exit("myna ads safety: error: give the posts with --text")
+        records = [asdict(r) for r in BrandSafety.load(args.policy, args.ckpt).score(args.texts)]
+        print(json.dumps(records, ensure_ascii=False)) if args.json else show.print_records(records)
+    elif args.action == "train-safety":
+        from myna.ads.safety import format_f1_table, train_safety_classifiers
+
+        report = train_safety_classifiers(args.ckpt, args.tweeteval)
+        print(format_f1_table(report, f"Myna {Path(args.ckpt).name} (probe)"))
+    else:
+        from myna.ads import evaluate, safety
+
+        if not args.data:
+            sys.exit("myna ads eval: error: --data is required")
+        brand = safety.BrandSafety.load(args.policy, args.ckpt)
+        embedder = brand.scorer.embedder or _embedder(args.ckpt)
+        result = {
+            "matching": evaluate.match_eval(args.data, embedder, Path(args.log) / "eval"),
+            "brand_safety": safety.evaluate(brand, args.tweeteval, safety.sample_posts(args.posts // 2)),
+        }
+        print(json.dumps(result, indent=1))
+
+
+def _embedder(ckpt: str):
+    from myna.search.index import Embedder
+
+    return Embedder.load(ckpt)
+
+
+def ads_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.eval.settings import TWEETEVAL_DIR
+
+    actions = ["match", "write", "safety", "click", "train-safety", "eval"]
+    sp.add_argument(
+        "action",
+        choices=actions,
+        help="match: the ad for a context; write: ad copy from a brief; safety: brand-safety records of posts; "
+        "click: log a click on an impression; train-safety: the hate and profanity classifiers on a run; "
+        "eval: matching and brand safety offline",
+    )
+    sp.add_argument(
+        "--text",
+        dest="texts",
+        action="append",
+        help="match: the context's text (again for a user's posts or a feed); safety: a post (repeatable)",
+    )
+    sp.add_argument("--impression", help="click: the impression id a match --record printed")
+    sp.add_argument("--ckpt", help="the run whose model embeds, scores and writes")
+    sp.add_argument("--inventory", help="match: campaigns and ads, JSONL (see myna/ads/inventory.py)")
+    sp.add_argument(
+        "--kind", choices=["post", "query", "user", "feed"], help="match: what the texts are (post)"
+    )
+    sp.add_argument("--slot", type=int, help="match --kind feed: the ad goes before this feed position")
+    sp.add_argument("--lang", help="match: the context's language, ISO 639-1")
+    sp.add_argument("--user", help="match: the viewer's id (frequency caps)")
+    sp.add_argument("--at", help="match: the time, ISO-8601 with an offset (default now)")
+    sp.add_argument("--record", action="store_true", help="match: log the winner's impression")
+    sp.add_argument(
+        "--log", default="runs/ads", help="impression log folder, with the ad-vector cache (runs/ads)"
+    )
+    sp.add_argument("--policy", help="brand-safety policy file (default: myna/ads/brand_safety.json)")
+    sp.add_argument("--brief", help="write: what the ad should say")
+    sp.add_argument("--brand", help="write: the brand the copy names")
+    sp.add_argument("-n", type=int, default=5, help="write: variants wanted")
+    sp.add_argument("--banned", help="write: words the copy must not use, comma-separated")
+    sp.add_argument("--no-lead", action="store_true", help="write: do not open each variant with the brand")
+    sp.add_argument("--data", help="eval: a prepared data folder (its held-out posts)")
+    sp.add_argument("--posts", type=int, default=4000, help="eval: bundled posts whose tiers are counted")
+    sp.add_argument("--tweeteval", default=str(TWEETEVAL_DIR), help="TweetEval data (hate, offensive)")
+    sp.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    sp.set_defaults(fn=cmd_ads)
+
+
 def report_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run", help="run directory")
     sp.set_defaults(fn=cmd_report)
@@ -835,6 +968,7 @@ VERBS = {
     "index": ("a search index of posts: BM25 and the model's embeddings (build, add)", index_parser),
     "search": ("search an index like Twitter: operators, Top or Latest, --explain", search_parser),
     "ask": ("answer a question from the posts a search finds, citing them as [1], [2]", ask_parser),
+    "ads": ("ads on the model: match and auction, brand safety, ad copy, offline eval", ads_parser),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
 }
 

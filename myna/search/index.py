@@ -93,6 +93,11 @@ class Embedder:
         loaded = load_model(ckpt)
         return cls(str(ckpt), fingerprint(loaded.checkpoint), loaded.model, loaded.tokenizer)
 
+    @classmethod
+    def of(cls, loaded) -> "Embedder":
+        """The model a server or a chat already holds (a myna.runs.Loaded), shared, not loaded again."""
+        return cls(str(loaded.checkpoint), fingerprint(loaded.checkpoint), loaded.model, loaded.tokenizer)
+
     @property
     def dim(self) -> int:
         return self.model.cfg.n_embd

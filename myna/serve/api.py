@@ -7,6 +7,8 @@
     POST /v1/embeddings          mean-pooled final hidden states, L2-normalised (float or base64)
     POST /v1/search              posts from the search index (myna serve --index), Top or Latest
     POST /v1/ask                 an answer from the posts a search finds, citing them as [1], [2]
+    POST /v1/ads/match           the ad for a context (myna serve --ads): winner, price, every candidate's fate
+    POST /v1/ads/click           a click on a recorded impression
     GET  /                       the web page (myna/serve/web)
 
 Requests, responses and errors follow OpenAI's shapes (myna/serve/protocol.py), so its clients work unchanged.
@@ -60,6 +62,8 @@ from myna.moderation import Policy, Report, StreamGuard, moderate_exchange
 from myna.progress import log
 from myna.runs import Loaded, load_model, resolve
 from myna.search.ask import Answer, AskPrompt
+from myna.search.index import Embedder
+from myna.serve.ads import AdDesk
 from myna.serve.config import ServeConfig
 from myna.serve.protocol import (
     CHAT_FIELDS,
@@ -127,6 +131,7 @@ class Server:
         self.aliases = {self.model_id, self.checkpoint.name, f"{self.model_id}/{self.checkpoint.name}"}
         self.created = int(self.checkpoint.stat().st_mtime)
         self.searcher = Searcher(config.index, self.checkpoint) if config.index is not None else None
+        self.ads = AdDesk(config.ads, config.ads_log, config.ads_policy) if config.ads is not None else None
         self.status, self.error = "loading", ""
         self.engine: Engine | None = None
         self.loaded: Loaded | None = None
@@ -141,8 +146,13 @@ class Server:
             loaded = load_model(self.checkpoint, self.config.device)
             if self.on_load is not None:
                 self.on_load(loaded)
+            if self.policy.model_categories:
+                # moderation's example and classifier rules run on the served model (no state between calls)
+                self.policy.bind(Embedder.of(loaded))
             if self.searcher is not None:
                 self.searcher.attach(loaded)
+            if self.ads is not None:
+                self.ads.attach(self.checkpoint)
             # by default every admitted request decodes in the same batch
             max_batch = self.config.max_batch or self.config.max_concurrency
             self.engine = Engine(
@@ -214,6 +224,7 @@ class Server:
             "cancelled_requests": self.cancelled,
             "served_requests": self.served,
             "search": self.searcher.describe() if self.searcher else None,
+            "ads": self.ads.describe() if self.ads else None,
         }
 
 
@@ -697,12 +708,16 @@ def searchable(request: Request) -> None:
         )
 
 
+async def json_reply(request: Request, job: Job, handle: Callable[[dict], dict]) -> JSONResponse:
+    """A JSON endpoint's work on the parsed body, off the event loop, counted as served."""
+    response = await asyncio.to_thread(lambda: handle(parse_json(job.body)))
+    server_of(request).served += 1
+    return JSONResponse(response)
+
+
 @v1.post("/search", dependencies=[Depends(searchable)])
 async def search_posts(request: Request, job: Admitted) -> JSONResponse:
-    server = server_of(request)
-    response = await asyncio.to_thread(lambda: server.searcher.search(parse_json(job.body)))
-    server.served += 1
-    return JSONResponse(response)
+    return await json_reply(request, job, server_of(request).searcher.search)
 
 
 @v1.post("/ask", dependencies=[Depends(searchable)])
@@ -726,6 +741,25 @@ async def ask_posts(request: Request, job: Admitted) -> Response:
     server.served += 1
     counts = usage(completion.prompt_tokens, completion.completion_tokens)
     return JSONResponse(answer_response(server, answer, counts, report))
+
+
+def advertising(request: Request) -> None:
+    if server_of(request).ads is None:
+        raise APIError(
+            404,
+            "this server was started without --ads: /v1/ads needs an inventory (myna serve --ads INVENTORY.jsonl)",
+            code="ads_not_enabled",
+        )
+
+
+@v1.post("/ads/match", dependencies=[Depends(advertising)])
+async def ads_match(request: Request, job: Admitted) -> JSONResponse:
+    return await json_reply(request, job, server_of(request).ads.match)
+
+
+@v1.post("/ads/click", dependencies=[Depends(advertising)])
+async def ads_click(request: Request, job: Admitted) -> JSONResponse:
+    return await json_reply(request, job, server_of(request).ads.click)
 
 
 def answer_response(server: Server, answer: Answer, counts: dict, report: Report) -> dict:

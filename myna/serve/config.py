@@ -22,6 +22,9 @@ class ServeConfig:
     policy: Policy | None = None  # moderation: a JSON/TOML file, 'default' or 'off'; None: Policy.default()
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1 ...
     index: Path | None = None  # a search index (myna index build) for /v1/search, /v1/ask and the Search tab
+    ads: Path | None = None  # an ads inventory (JSONL) for /v1/ads/match, /v1/ads/click and the Ads tab
+    ads_log: Path = Path("runs/ads")  # the impression and click log (Parquet), with the ads' embedding cache
+    ads_policy: Path | None = None  # the brand-safety policy; None: myna/ads/brand_safety.json
     compile: bool = False  # torch.compile the decode step: a warm-up of seconds, then faster tokens (README)
     log_level: str = "info"  # uvicorn's
 
