@@ -33,9 +33,8 @@ MAX_EXAMPLES = 10_000  # example phrases of a whole policy: each is embedded whe
 class CategoryScore:
     keyword: str | None = None  # the first term or pattern that matched
     keyword_score: float = 1.0  # the category's score for a keyword match
-    model_score: float | None = (
-        None  # the model-based rules' score; None: the category has none, or no model ran
-    )
+    # the model-based rules' score; None: the category has none, or no model ran
+    model_score: float | None = None
     model_rule: str | None = None  # the example or classifier that gave model_score
     unscored: bool = False  # the category has model-based rules and no model ran them
 

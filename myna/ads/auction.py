@@ -17,9 +17,8 @@ the more relevant it is, so advertisers are paid to be relevant rather than loud
 lone eligible ad would win for nothing.
 """
 
-RESERVE_CPM = (
-    0.50  # CURRENCY per 1000 impressions: the least an impression sells for, well under a feed ad's CPM
-)
+# CURRENCY per 1000 impressions: the least an impression sells for, well under a feed ad's CPM
+RESERVE_CPM = 0.50
 PRICE_DECIMALS = 6  # millionths of the currency, as ad servers count
 
 

@@ -150,9 +150,8 @@ class MatchResult:
     candidates: list[Candidate]  # the winner, the losers by score, then the blocked by relevance
     considered: int  # ads in the inventory
     reserve_cpm: float
-    safety: "_Judged | None" = (
-        None  # the context's brand-safety records and decisions; None without candidates
-    )
+    # the context's brand-safety records and decisions; None without candidates
+    safety: "_Judged | None" = None
 
     def to_dict(self) -> dict:
         """JSON-ready: the winner and its price, and every candidate's outcome with the scores behind it."""
