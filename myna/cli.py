@@ -560,7 +560,8 @@ def train_parser(train, names: list[str], flags: dict[str, str] | None = None):
 def pretrain_parser(sp: argparse.ArgumentParser) -> None:
     from myna.train.pretrain import pretrain
 
-    names = ["data_dir", "out", "preset", "init", "steps", "save_every", "resume", "parallel", "compile"]
+    names = ["data_dir", "out", "preset", "init", "steps", "save_every", "resume", "parallel", "shard_size"]
+    names += ["compile", "activation_checkpointing"]
     train_parser(pretrain, names, {"data_dir": "--data"})(sp)
 
 

@@ -101,6 +101,9 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" (autocast)
     compile: bool = False
+    # recompute each transformer block's activations in backward: one block's activation memory instead of all
+    # of them, for about a third more compute
+    activation_checkpointing: bool = False
 
     @property
     def tokens_per_step(self) -> int:

@@ -3,9 +3,10 @@
 A checkpoint holds the model, the optimizer and state.json (step, config, data position, RNG states, and the
 optimizer's settings). Every tensor is stored as safetensors: raw numbers behind a JSON header, so loading a
 checkpoint never runs code, whoever wrote it. Without FSDP rank 0 writes model.safetensors (tied weights stored
-once, their other names kept in the metadata) and optimizer.safetensors. Under FSDP every rank writes its own
-shards into dcp/ through torch distributed checkpoint's safetensors writer, which loads them back into any
-layout: another world size, or one plain process with no process group at all.
+once, their other names kept in the metadata) and optimizer.safetensors. Under FSDP and HSDP every rank writes its
+own shards into dcp/ through torch distributed checkpoint's safetensors writer (HSDP's replicas share the writing:
+each shard is written once), which loads them back into any layout: another world size or mesh, or one plain
+process with no process group at all.
 
 Every load checks the files against the model before it trusts them: exactly the model's tensors (names, shapes,
 dtypes), every shard present, every value finite. Anything else raises CheckpointError naming the file and what
@@ -201,7 +202,7 @@ def save(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     model_sd = {k: v for k, v in model_sd.items() if k not in aliases}
     optim_tensors, optim_meta = _flat_optimizer(optim_sd)
-    if dist.parallel == "fsdp":
+    if dist.sharded:
         flat = {f"model.{k}": v for k, v in model_sd.items()} | {
             f"optim.{k}": v for k, v in optim_tensors.items()
         }
@@ -215,7 +216,7 @@ def save(
             json.dump({"step": step, **state, "optimizer": optim_meta}, f)
             f.flush()
             os.fsync(f.fileno())
-        if dist.parallel == "fsdp":
+        if dist.sharded:
             _fsync_dir(tmp / "dcp")
         _fsync_dir(tmp)
         if final.exists():

@@ -261,7 +261,7 @@ def dpo(
     steps: int | None = None,  # optimizer steps (default: scaled to the data)
     beta: float = DEFAULT_BETA,  # DPO temperature
     resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
-    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
+    parallel: Literal["none", "ddp", "fsdp", "hsdp"] = "none",  # data parallelism (run under torchrun)
     on_step=None,
     **overrides,
 ) -> dict:

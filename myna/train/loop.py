@@ -204,7 +204,8 @@ def train(
     extra_state: dict | None = None,
     final_checkpoint: bool = True,
 ) -> dict:
-    """Train `model` (a plain module; wrapped here for DDP/FSDP) for cfg.steps optimizer steps.
+    """Train `model` (a plain module; wrapped here for DDP/FSDP/HSDP and activation checkpointing) for
+    cfg.steps optimizer steps.
 
     `train_loader` and `val_loader` yield batches for `loss_fn(model, batch)`; they need state_dict and
     load_state_dict (TokenLoader) so that checkpoints can resume them exactly; val_loader is rewound to its
@@ -218,7 +219,7 @@ def train(
     """
     dist = dist or Dist()
     run_dir = Path(run_dir)
-    model = wrap(model.to(dist.device), dist)
+    model = wrap(model.to(dist.device), dist, cfg.activation_checkpointing)
     optimizer = build_optimizer(unwrap(model), cfg)
     compiled = torch.compile(model) if cfg.compile else model
 

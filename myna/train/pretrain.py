@@ -62,8 +62,10 @@ def pretrain(
     steps: int | None = None,  # optimizer steps (default: the preset's)
     save_every: int | None = None,  # checkpoint every N steps (default: the preset's)
     resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
-    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
+    parallel: Literal["none", "ddp", "fsdp", "hsdp"] = "none",  # data parallelism (run under torchrun)
+    shard_size: int = 0,  # hsdp: ranks per shard group, replicated across groups (default: one node's ranks)
     compile: bool = False,  # torch.compile the model
+    activation_checkpointing: bool = False,  # recompute each block's activations in backward: less memory
     on_step=None,
     final_checkpoint: bool = True,
     **overrides,
@@ -94,9 +96,13 @@ def pretrain(
         overrides["steps"] = steps
     if save_every is not None:
         overrides["save_every"] = save_every
-    mcfg, tcfg = _apply_overrides(mcfg, tcfg, {**overrides, "compile": compile or tcfg.compile})
+    flags = {
+        "compile": compile or tcfg.compile,
+        "activation_checkpointing": activation_checkpointing or tcfg.activation_checkpointing,
+    }
+    mcfg, tcfg = _apply_overrides(mcfg, tcfg, {**overrides, **flags})
 
-    dist = distributed.setup(parallel)
+    dist = distributed.setup(parallel, shard_size)
     try:
         torch.manual_seed(tcfg.seed)
         model = build_model(mcfg, dist.device, f"preset {preset!r}")  # refused before OUT is touched

@@ -258,7 +258,7 @@ def sft(
     out: str | Path,  # run directory for the tuned model
     steps: int | None = None,  # optimizer steps (default: scaled to the data)
     resume: bool | str = False,  # continue from the newest checkpoint in out, or from the one named (step_N)
-    parallel: Literal["none", "ddp", "fsdp"] = "none",  # data parallelism (run under torchrun)
+    parallel: Literal["none", "ddp", "fsdp", "hsdp"] = "none",  # data parallelism (run under torchrun)
     compile: bool = False,  # torch.compile the model
     tool_repeat: int = 1,  # times each training dialogue with a tool call appears an epoch (they are few)
     on_step=None,
