@@ -941,6 +941,30 @@ def report_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_report)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from myna.plan import plan, tables
+
+    result = plan(**given(args, plan))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        out = Console()
+        for table in tables(result):
+            out.print(table)
+
+
+def plan_parser(sp: argparse.ArgumentParser) -> None:
+    from myna.plan import count, plan
+
+    model = ["preset", "model", "depth", "vocab_size", "seq_len", "micro_batch"]
+    run = ["gpus", "gpu", "tokens", "mfu", "usd_per_gpu_hour", "shard_size"]
+    add_flags(sp, plan, model + run, parse={"tokens": count})
+    sp.add_argument("--json", action="store_true", help="the plan as one JSON object on stdout")
+    sp.set_defaults(fn=cmd_plan)
+
+
 VERBS = {
     "data": ("raw dumps -> corpus, dialogues, prefs, tokenizer, token shards", data_parser),
     "speedrun": ("the whole pipeline on the bundled sample", speedrun_parser),
@@ -971,6 +995,7 @@ VERBS = {
     "ask": ("answer a question from the posts a search finds, citing them as [1], [2]", ask_parser),
     "ads": ("ads on the model: match and auction, brand safety, ad copy, offline eval", ads_parser),
     "report": ("write RUN/report.md: config, data funnel, curves, eval tables, samples", report_parser),
+    "plan": ("parameters, memory per GPU, time and cost of training a model on N GPUs", plan_parser),
 }
 
 
