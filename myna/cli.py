@@ -185,6 +185,7 @@ def print_chat_samples(run: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
+    from myna.ads.show import showcase as ads_showcase
     from myna.data import pipeline
     from myna.eval.report import write_report
     from myna.eval.run import evaluate_run
@@ -227,6 +228,11 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
         log("DPO skipped: the data has no preference pairs (reply trees with like counts)")
     print_chat_samples(chat)
     speedrun_search(out / "data", out / "index", chat)
+    # the ad server on the example inventory (the sample's own, else the bundled one): matches with their reasons
+    inventory = sample / "ads" / "inventory.jsonl"
+    ads_showcase(
+        inventory if inventory.is_file() else SAMPLE_DIR / "ads" / "inventory.jsonl", chat, out / "ads"
+    )
     # the quick part of `myna eval` (val bits-per-byte, chat checks); TweetEval takes longer: `myna eval RUN`
     evaluate_run(chat, tweeteval_mode="none", **given(args, EvalConfig))
     log(f"report card: {write_report(chat)}")

@@ -66,6 +66,21 @@ def similarity_score(cosine: np.ndarray, threshold: float) -> np.ndarray:
     return np.clip(np.where(cosine >= threshold, above, below), 0.0, 1.0)
 
 
+def examples_separate(
+    vectors: np.ndarray, rows: dict[str, tuple[int, int]], thresholds: dict[str, float]
+) -> bool:
+    """Does the model tell the categories' examples apart? Examples of different categories are about different
+    things: when their typical cosine reaches the lowest firing threshold, every text would fire."""
+    if len(rows) < 2:
+        return True
+    category = np.empty(len(vectors), np.int64)
+    for k, (lo, hi) in enumerate(rows.values()):
+        category[lo:hi] = k
+    cos = vectors @ vectors.T
+    across = cos[category[:, None] != category[None, :]]
+    return float(np.median(across)) < min(thresholds.values())
+
+
 class Scorer:
     """A policy's categories scored on texts. `embedder` (myna.search.index.Embedder) is the bound model; None
     scores keywords only."""
@@ -99,6 +114,11 @@ class Scorer:
             + [c.trained.settings.max_len for c in self.classifiers.values() if c.shared]
         )
         self._embed_examples()
+        thresholds = {n: policy.categories[n].similarity for n in self.example_rows}
+        if not examples_separate(self.example_vectors, self.example_rows, thresholds):
+            # the model embeds everything alike (under-trained): its example rules would fire on every post, so they
+            # are left out and their categories go unscored, as without a model
+            self.example_rows = {}
 
     def _load_classifier(self, name: str, run_dir: Path) -> _Classifier:
         cat = self.policy.categories[name]

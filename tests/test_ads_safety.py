@@ -322,3 +322,19 @@ def test_a_run_without_safety_classifiers_scores_the_rest_and_says_so(base_run):
     assert {"hate_speech", "obscenity_and_profanity"} <= set(record.unscored)
     assert record.scores["obscenity_and_profanity"] > 0  # its keyword still fires
     assert not judge("conservative", [record]).allowed
+
+
+def test_example_rules_of_a_model_that_embeds_everything_alike_are_left_out():
+    """An under-trained model puts every text near one direction: examples of different categories then sit as
+    close as the firing threshold, and their rules would fire on every post (seen with the speedrun's smoke model:
+    every post floor). Such rules are left out; a model that tells the examples apart keeps them."""
+    from myna.safety import examples_separate
+
+    rng = np.random.default_rng(0)
+    rows = {"arms": (0, 3), "spam": (3, 6)}
+    apart = rng.normal(size=(6, 32))
+    apart /= np.linalg.norm(apart, axis=1, keepdims=True)
+    alike = np.ones((6, 32)) + 0.01 * rng.normal(size=(6, 32))
+    alike /= np.linalg.norm(alike, axis=1, keepdims=True)
+    thresholds = {"arms": 0.97, "spam": 0.97}
+    assert examples_separate(apart, rows, thresholds) and not examples_separate(alike, rows, thresholds)

@@ -405,10 +405,10 @@ def test_smollm2_tokenizer_matches_transformers(smol: Path, offline):
 
 @pytest.mark.slow
 @smollm2
-def test_smollm2_tensors_and_config_match_transformers(smol: Path, offline):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def test_smollm2_tensors_and_config_match_transformers(smol: Path, smollm2_reference):
+    from transformers import LlamaConfig
 
-    reference = AutoModelForCausalLM.from_pretrained(smol.parent, gguf_file=smol.name, dtype=torch.float32)
+    reference = smollm2_reference
     expected = reference.state_dict()
     model = read_gguf(smol)
     assert model.tensor_types["blk.0.attn_q.weight"] == "Q4_1"

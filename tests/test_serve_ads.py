@@ -4,9 +4,9 @@ inventory and the tiny SFT run, and the web page's Ads tab in Chromium."""
 from pathlib import Path
 
 import pytest
+from helpers import ARTIFACTS
 from live_server import KEY, LiveServer, error_of
 from playwright.sync_api import expect
-from test_web import page  # noqa: F401  (the Chromium page fixture)
 
 from myna.moderation import Policy
 from myna.serve.api import create_app
@@ -77,7 +77,7 @@ def test_without_ads_the_endpoints_say_how_to_enable_them(sft_run: Path):
         server.stop()
 
 
-def test_ads_tab_shows_the_winner_and_every_candidate(ad_server, page):  # noqa: F811
+def test_ads_tab_shows_the_winner_and_every_candidate(ad_server, page):
     page.goto(ad_server.url + "/")
     page.click("#settings summary")
     page.fill("#api_key", KEY)
@@ -92,7 +92,7 @@ def test_ads_tab_shows_the_winner_and_every_candidate(ad_server, page):  # noqa:
     rows = page.locator("#ads-candidates tbody tr")
     expect(rows.first).to_have_class("won")
     assert rows.count() >= 2 and all(r.locator("td").last.inner_text() for r in rows.all())
-    page.screenshot(path=str(Path(__file__).parent / "artifacts" / "web_ads.png"))
+    page.screenshot(path=str(ARTIFACTS / "web_ads.png"))
     # a feed: the slot's neighbours are the context, and a bad slot is the server's error, shown
     page.select_option("#ads-kind", "feed")
     page.fill("#ads-text", f"{COFFEE}\nmorning run done")

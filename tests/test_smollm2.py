@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_smollm2_imports_and_answers_as_transformers_does(tmp_path):
+def test_smollm2_imports_and_answers_as_transformers_does(tmp_path, smollm2_reference):
     gguf_file = smollm2_gguf()
     out = myna("import", "gguf", str(gguf_file), "--out", str(tmp_path / "smollm2"))
     assert out.returncode == 0, out.stderr
@@ -34,7 +34,7 @@ def test_smollm2_imports_and_answers_as_transformers_does(tmp_path):
     ref_tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     ids = render_prompt(CHAT, tok).ids
     assert ids == list(ref_tok.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"])
-    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).eval()
+    ref = smollm2_reference
     stops = [tok.eot_id, *turn_stop_ids(tok)]
     with torch.inference_mode():
         expected = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stops)

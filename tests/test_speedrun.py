@@ -57,6 +57,8 @@ def test_speedrun_trains_tunes_samples_and_serves(tmp_path):
         assert "myna search --index" in out and "myna ask --index" in out and "searched:" in out
         assert "myna chat --ckpt" in out and "myna> " in out  # the chat with search as its tool
         assert (tmp_path / "run" / "index" / "index.sqlite").is_file()
+        # the ad server on the example inventory: a winner, and an ad blocked beside a post about an attack
+        assert "myna ads match --inventory" in out and "winner " in out and "brand_safety: standard" in out
         report = (tmp_path / "run" / "sft" / "report.md").read_text()
         assert (
             "Chat checks" in report

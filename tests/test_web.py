@@ -4,27 +4,15 @@ system prompt and settings, show the server's error; search with operators, Top 
 go to $MYNA_TEST_ARTIFACTS (default tests/artifacts/) for a person to look at."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from helpers import ARTIFACTS
 from live_server import KEY, LiveServer, hooks
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from myna.moderation import Policy
 from myna.serve.api import create_app
 from myna.serve.config import ServeConfig
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(os.environ.get("MYNA_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
 # Records the text of the newest assistant reply each time the message list changes.
 WATCH_REPLY = """() => {
@@ -50,19 +38,6 @@ def server(run_dir):
     live.stop()
 
 
-@pytest.fixture
-def page():
-    assert CHROMIUM.exists(), f"{CHROMIUM} missing: install Debian's chromium package (.ci/run does)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 800})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        yield page
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
-
-
 def send(page, text: str, fails: bool = False) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -76,7 +51,6 @@ def send(page, text: str, fails: bool = False) -> None:
 
 
 def test_chat_page_streams_keeps_conversations_and_shows_errors(server, page, run_dir):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.goto(server.url + "/")
     expect(page.locator("#status")).to_contain_text(run_dir.name)
     expect(page.locator("#error")).to_contain_text("needs an API key")  # said before anything fails

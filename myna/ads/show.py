@@ -67,3 +67,33 @@ def print_records(records: list[dict], console: Console | None = None) -> None:
     unscored = sorted({c for r in records for c in r["unscored"]})
     if unscored:
         out.print(f"[yellow]not scored (no model or no classifier): {', '.join(unscored)}[/yellow]")
+
+
+# A tour of the ad server for `myna speedrun`: contexts like the sample's posts, each matched with its reasons
+SHOWCASE = (
+    {"text": "Need an espresso before this exam, coffee please #coffee", "lang": "en", "user": "u1"},
+    {
+        "text": "Flood water in our street, we need supplies and a go bag #yycflood",
+        "lang": "en",
+        "user": "u2",
+    },
+    {
+        "kind": "feed",
+        "texts": ["booked flights to the coast!", "isis claims the bombing, dozens killed"],
+        "slot": 1,
+        "lang": "en",
+    },
+)
+
+
+def showcase(inventory, chat_run, log) -> None:
+    """Open the example inventory with the chat run's model and show a few matches, each with every candidate's
+    fate (the third is a feed slot under a post about a terrorist attack: brand safety decides)."""
+    from myna.ads.service import match, match_request, open_matcher
+
+    out = _console()
+    matcher = open_matcher(inventory, chat_run, log, cache=log / "cache")
+    for body in SHOWCASE:
+        line = " | ".join(body.get("texts") or [body["text"]])
+        out.print(f"\n[bold]myna ads match --inventory {inventory} --ckpt {chat_run}[/bold] ({escape(line)})")
+        print_match(match(matcher, match_request(body)), out)
