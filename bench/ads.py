@@ -22,8 +22,6 @@ worker thread runs it (two would fight the engine's).
 """
 
 import argparse
-import gzip
-import itertools
 import json
 import os
 import platform
@@ -45,19 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from myna.ads.inventory import load_inventory  # noqa: E402
 from myna.ads.log import AdLog  # noqa: E402
 from myna.ads.match import BrandSafetyCheck, Context, Matcher  # noqa: E402
-from myna.ads.safety import BrandSafety, judge  # noqa: E402
+from myna.ads.safety import BrandSafety, judge, sample_posts  # noqa: E402
 from myna.search.index import Embedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_INVENTORY = REPO / "data" / "sample" / "ads" / "inventory.jsonl"
-POSTS = REPO / "data" / "sample" / "posts"
 
 
-def sample_posts(n: int) -> list[str]:
-    out = []
-    for name in ("sentiment140_negative.txt.gz", "sentiment140_positive.txt.gz"):
-        with gzip.open(POSTS / name, "rt", encoding="utf-8") as f:
-            out += [line.strip() for line in itertools.islice(f, n) if line.strip()]
+def shuffled_posts(n: int) -> list[str]:
+    """The bundled sample's first n negative and n positive posts (the brand-safety evaluation's), mixed."""
+    out = [p for p in sample_posts(n) if p.strip()]
     random.Random(0).shuffle(out)
     return out
 
@@ -170,11 +165,11 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    posts = sample_posts(max(args.matches, args.safety_posts))
+    posts = shuffled_posts(max(args.matches, args.safety_posts))
     words = sorted({w for p in posts[:2000] for w in p.lower().split() if w.isalpha() and len(w) > 3})
     embedder = Embedder.load(args.ckpt)
     keywords_only = BrandSafety.load(None, None)
-    with_model = BrandSafety.load(None, args.ckpt)
+    with_model = BrandSafety.load(None, embedder=embedder)
     rows: dict[str, list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         big, embed_s = open_matcher(args.ads, words, embedder, with_model, Path(tmp))

@@ -843,7 +843,9 @@ def cmd_ads(args: argparse.Namespace) -> None:
         }
         fields["slot"], fields["record"] = args.slot, args.record
         request = match_request({k: v for k, v in fields.items() if v is not None})
-        matcher = open_matcher(args.inventory, args.ckpt, args.log, args.policy, Path(args.log) / "cache")
+        matcher = open_matcher(
+            args.inventory, _embedder(args.ckpt), args.log, args.policy, Path(args.log) / "cache"
+        )
         result = match(matcher, request)
         print(json.dumps(result, ensure_ascii=False)) if args.json else show.print_match(result)
     elif args.action == "write":
@@ -851,6 +853,7 @@ def cmd_ads(args: argparse.Namespace) -> None:
         from myna.ads.safety import BrandSafety
         from myna.infer.engine import Engine, set_cpu_threads
         from myna.runs import load_model
+        from myna.search.index import Embedder
 
         if not args.brief or not args.brand:
             sys.exit("myna ads write: error: --brief and --brand are required")
@@ -861,7 +864,11 @@ def cmd_ads(args: argparse.Namespace) -> None:
         loaded = load_model(args.ckpt)
         with Engine(loaded.model, loaded.tokenizer, max_batch=max(args.n, 1)) as engine:
             written = write_copy(
-                engine, brief, args.n, BrandSafety.load(args.policy, args.ckpt), not args.no_lead
+                engine,
+                brief,
+                args.n,
+                BrandSafety.load(args.policy, embedder=Embedder.of(loaded)),
+                not args.no_lead,
             )
         print(json.dumps(written.to_dict(), ensure_ascii=False)) if args.json else show.print_copy(
             written.to_dict()
@@ -883,8 +890,8 @@ def cmd_ads(args: argparse.Namespace) -> None:
 
         if not args.data:
             sys.exit("myna ads eval: error: --data is required")
-        brand = safety.BrandSafety.load(args.policy, args.ckpt)
-        embedder = brand.scorer.embedder or _embedder(args.ckpt)
+        embedder = _embedder(args.ckpt)
+        brand = safety.BrandSafety.load(args.policy, embedder=embedder)
         result = {
             "matching": evaluate.match_eval(args.data, embedder, Path(args.log) / "eval"),
             "brand_safety": safety.evaluate(brand, args.tweeteval, safety.sample_posts(args.posts // 2)),

@@ -91,17 +91,19 @@ class BrandSafety:
         self.policy, self.scorer = policy, scorer
 
     @classmethod
-    def load(cls, policy_path: str | Path | None = None, ckpt: str | Path | None = None) -> "BrandSafety":
-        """A policy file (None: the default) bound to a run or checkpoint (None: keyword rules only; model-based
-        categories are then reported as unscored in every record)."""
+    def load(
+        cls, policy_path: str | Path | None = None, ckpt: str | Path | None = None, embedder=None
+    ) -> "BrandSafety":
+        """A policy file (None: the default) bound to a run or checkpoint, or to a model already loaded (`embedder`,
+        a myna.search.index.Embedder: one copy of the weights); neither: keyword rules only, and model-based
+        categories are reported as unscored in every record."""
         policy = Policy.load(policy_path or DEFAULT_POLICY)
         for name, c in policy.categories.items():
             if not c.tiers:
                 raise ValueError(
                     f"{policy.source}: categories.{name}.tiers: brand safety needs a category's tiers"
                 )
-        embedder = None
-        if ckpt is not None and policy.model_categories:
+        if embedder is None and ckpt is not None and policy.model_categories:
             from myna.search.index import Embedder
 
             embedder = Embedder.load(ckpt)

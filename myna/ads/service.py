@@ -18,6 +18,7 @@ from myna.ads.inventory import load_inventory
 from myna.ads.log import AdLog
 from myna.ads.match import CONTEXT_KINDS, BrandSafetyCheck, Context, Matcher
 from myna.ads.safety import ADJACENT_POSTS, BrandSafety, judge
+from myna.search.index import Embedder
 
 MATCH_FIELDS = {"kind", "text", "texts", "slot", "lang", "user", "time", "record"}
 
@@ -30,21 +31,16 @@ class Request:
 
 def open_matcher(
     inventory: str | Path,
-    ckpt: str | Path,
+    embedder: Embedder,
     log: str | Path,
     policy: str | Path | None = None,
     cache: str | Path | None = None,
 ) -> Matcher:
-    """The inventory (validated whole), its ads embedded by the run's model (read from `cache` when the same
-    inventory and weights were embedded before), brand safety under `policy` (default: the IAB categories) bound to
-    the same run, and the impression log folder `log`."""
+    """The inventory (validated whole), its ads embedded by the model (read from `cache` when the same inventory
+    and weights were embedded before), brand safety under `policy` (default: the IAB categories) on the same model,
+    and the impression log folder `log`."""
     inv = load_inventory(inventory)
-    safety = BrandSafety.load(policy, ckpt)
-    embedder = safety.scorer.embedder
-    if embedder is None:
-        from myna.search.index import Embedder
-
-        embedder = Embedder.load(ckpt)
+    safety = BrandSafety.load(policy, embedder=embedder)
     return Matcher(inv, embedder, BrandSafetyCheck(safety.score, judge), AdLog(log), cache)
 
 

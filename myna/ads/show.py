@@ -90,9 +90,10 @@ def showcase(inventory, chat_run, log) -> None:
     """Open the example inventory with the chat run's model and show a few matches, each with every candidate's
     fate (the third is a feed slot under a post about a terrorist attack: brand safety decides)."""
     from myna.ads.service import match, match_request, open_matcher
+    from myna.search.index import Embedder
 
     out = _console()
-    matcher = open_matcher(inventory, chat_run, log, cache=log / "cache")
+    matcher = open_matcher(inventory, Embedder.load(chat_run), log, cache=log / "cache")
     for body in SHOWCASE:
         line = " | ".join(body.get("texts") or [body["text"]])
         out.print(f"\n[bold]myna ads match --inventory {inventory} --ckpt {chat_run}[/bold] ({escape(line)})")

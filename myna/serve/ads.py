@@ -14,6 +14,8 @@ from pathlib import Path
 from myna.ads.inventory import load_inventory
 from myna.ads.log import ClickError
 from myna.ads.service import match, match_request, open_matcher
+from myna.runs import Loaded
+from myna.search.index import Embedder
 from myna.serve.protocol import invalid
 
 
@@ -24,9 +26,11 @@ class AdDesk:
         self.lock = threading.Lock()
         self.matcher = None
 
-    def attach(self, checkpoint: Path) -> None:
-        """Runs in the server's loading thread: the ads embedded and brand safety bound to the served run."""
-        self.matcher = open_matcher(self.inventory, checkpoint, self.log, self.policy, self.log / "cache")
+    def attach(self, loaded: Loaded) -> None:
+        """Runs in the server's loading thread: the ads embedded and brand safety scored by the served model."""
+        self.matcher = open_matcher(
+            self.inventory, Embedder.of(loaded), self.log, self.policy, self.log / "cache"
+        )
 
     def describe(self) -> dict:
         m = self.matcher

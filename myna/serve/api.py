@@ -152,7 +152,7 @@ class Server:
             if self.searcher is not None:
                 self.searcher.attach(loaded)
             if self.ads is not None:
-                self.ads.attach(self.checkpoint)
+                self.ads.attach(loaded)
             # by default every admitted request decodes in the same batch
             max_batch = self.config.max_batch or self.config.max_concurrency
             self.engine = Engine(
