@@ -121,13 +121,20 @@ def cmd_data(args: argparse.Namespace) -> None:
     cfg = _prepare_config(args)
     out = Path(args.out)
     t0 = time.perf_counter()
+    engine = None
+    if args.engine == "ray":
+        try:
+            from myna.data.ray_engine import RayEngine
+        except ImportError as e:
+            sys.exit(f"--engine ray needs Ray Data: pip install -e '.[ray]' ({e})")
+        engine = RayEngine(address=args.ray_address, span_bytes=args.span_mb << 20, cpus=cfg.workers)
     if args.stage == "prepare":
-        summary = pipeline.prepare(args.inputs, out, cfg)
+        summary = pipeline.prepare(args.inputs, out, cfg, engine)
         print_summary(summary)
         log(f"[green]data ready in {out} ({time.perf_counter() - t0:.1f} s)")
         return
     if args.stage == "ingest":
-        result = pipeline.ingest(args.inputs, out, cfg)
+        result = pipeline.ingest(args.inputs, out, cfg, engine)
     elif args.inputs:
         sys.exit(f"myna data {args.stage} reads {out}; it takes no INPUT (got {args.inputs})")
     else:
@@ -135,9 +142,9 @@ def cmd_data(args: argparse.Namespace) -> None:
             "clean": pipeline.clean,
             "dedup": pipeline.dedup_and_split,
             "threads": pipeline.build_dialogues,
-            "tokenizer": pipeline.build_tokenizer,
+            "tokenizer": lambda out, cfg, engine: pipeline.build_tokenizer(out, cfg),
             "tokenize": pipeline.tokenize,
-        }[args.stage](out, cfg)
+        }[args.stage](out, cfg, engine)
     print(json.dumps(result, indent=1, default=str))
 
 
@@ -518,6 +525,22 @@ def data_parser(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", required=True, help="data directory")
     add_flags(sp, PrepareConfig, ["format", "strict"])
     add_flags(sp, ReadOptions, ["csv_columns", "csv_preset"], parse={"csv_columns": _csv_columns})
+    sp.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this machine's processes; ray: Ray Data (pip install -e '.[ray]'), same outputs",
+    )
+    sp.add_argument(
+        "--ray-address",
+        help="a running Ray cluster (auto, ray://head:10001); default: start one on 127.0.0.1",
+    )
+    sp.add_argument(
+        "--span-mb",
+        type=int,
+        default=256,
+        help="--engine ray: line-format files larger than this are read in ranges of about this size (MiB)",
+    )
     data_flags(sp)
     sp.set_defaults(fn=cmd_data)
 

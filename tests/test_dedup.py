@@ -10,7 +10,7 @@ from datasketch import MinHash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from myna.data.dedup import DedupConfig, comparison_key, dedup, lsh_params, minhash_signatures
+from myna.data.dedup import DedupConfig, bucket_pairs, comparison_key, dedup, lsh_params, minhash_signatures
 from myna.data.schema import POST_SCHEMA
 
 TEXT = Path(__file__).parent / "fixtures" / "text"
@@ -216,3 +216,9 @@ def test_missing_column_and_null_text_rejected():
         dedup(pa.table({"id": ["1"], "created_at": [None], "text": ["x"]}), DedupConfig())
     with pytest.raises(ValueError, match=r"row 1 \(id '1'\): text is null"):
         dedup(table(["a", None]), DedupConfig())
+
+
+def test_bucket_pairs_pairs_neighbours_not_only_the_first_member():
+    # one bucket of three: the second and third members are a pair too (they were missed before)
+    pairs = {tuple(p) for p in bucket_pairs(np.array([0, 0, 0]), np.array([5, 7, 9])).tolist()}
+    assert pairs == {(5, 7), (5, 9), (7, 9)}

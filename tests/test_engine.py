@@ -193,14 +193,14 @@ def test_greedy_batch_of_different_prompt_lengths_equals_full_forward(lm):
 def test_compiled_decode_gives_the_greedy_tokens_of_the_eager_engine(lm):
     model, tok = lm
     prompts = [prompt(tok, p) for p in PROMPTS]
-    # 1 stream; then 3 streams of different lengths over 2 rows, so the batch shrinks, grows and rows move
-    for rows, batch in ((1, prompts[1:2]), (2, [prompts[0], prompts[3], prompts[5]])):
-        got = {}
-        for compiled in (False, True):
-            with Engine(model, tok, max_batch=rows, compile=compiled) as engine:
-                requests = [engine.submit(p, GREEDY) for p in batch]
-                got[compiled] = [r.result(timeout=300).token_ids for r in requests]
-        assert got[True] == got[False], rows
+    # 3 streams of different lengths over 2 rows, so the batch shrinks, grows and rows move
+    batch = [prompts[0], prompts[3], prompts[5]]
+    got = {}
+    for compiled in (False, True):
+        with Engine(model, tok, max_batch=2, compile=compiled) as engine:
+            requests = [engine.submit(p, GREEDY) for p in batch]
+            got[compiled] = [r.result(timeout=300).token_ids for r in requests]
+    assert got[True] == got[False]
     with pytest.raises(ValueError, match="use_cache"):
         Engine(model, tok, use_cache=False, compile=True)
 

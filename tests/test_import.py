@@ -12,6 +12,7 @@ import torch
 from helpers import myna
 
 from myna.chat_format import MYNA, MYNA_JINJA, derive_format
+from myna.cli import main
 from myna.data.pipeline import PrepareConfig, prepare
 from myna.export import export_gguf, export_hf
 from myna.importing import import_gguf, import_hf
@@ -263,9 +264,14 @@ def test_bad_input_is_one_line_and_leaves_out_empty(llama: Path, tmp_path):
         ),
         (["gguf", str(junk)], "not a GGUF file"),
     ]
-    for args, expected in cases:
-        out = tmp_path / "out"
-        result = myna("import", *args, "--out", str(out))
-        assert result.returncode != 0 and expected in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    out = tmp_path / "out"
+    # the first as a user runs it (one line on stderr, a non-zero exit); the rest through the same entry point
+    result = myna("import", *cases[0][0], "--out", str(out))
+    assert result.returncode != 0 and cases[0][1] in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for args, expected in cases[1:]:
+        with pytest.raises(SystemExit) as exit:
+            main(["import", *args, "--out", str(out)])
+        message = str(exit.value.code)
+        assert expected in message and len(message.splitlines()) == 1, (args, message)
         assert not out.exists(), args

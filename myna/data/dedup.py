@@ -186,12 +186,26 @@ def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _candidate_pairs(sig: np.ndarray, bands: int, rows: int, window: int = 8) -> np.ndarray:
-    """Unique (i, j), i < j, of docs sharing a bucket in some band.
+def bucket_pairs(bucket: np.ndarray, docs: np.ndarray, window: int = 8) -> np.ndarray:
+    """(i, j) pairs of docs that share a bucket, from docs listed bucket by bucket (`bucket` non-decreasing).
 
-    In each bucket every member pairs with the bucket's first member and with its next window-1
-    neighbours, so small buckets give all their pairs and a huge bucket stays linear.
+    In each bucket every member pairs with the bucket's first member and with its next window-1 neighbours, so
+    small buckets give all their pairs and a huge bucket stays linear. The local and the Ray engines both call
+    this, so they find the same pairs.
     """
+    starts = _run_starts(bucket)
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(bucket)), 0))
+    found = [np.stack([docs[first[~starts]], docs[~starts]], axis=1)]
+    for d in range(1, window):
+        same = bucket[d:] == bucket[:-d]
+        if not same.any():
+            break
+        found.append(np.stack([docs[:-d][same], docs[d:][same]], axis=1))
+    return np.concatenate(found)
+
+
+def _candidate_pairs(sig: np.ndarray, bands: int, rows: int, window: int = 8) -> np.ndarray:
+    """Unique (i, j), i < j, of docs sharing a bucket in some band (bucket_pairs in each band)."""
     found = []
     for band in range(bands):
         h = _band_hashes(sig, band, rows)
@@ -202,15 +216,7 @@ def _candidate_pairs(sig: np.ndarray, bands: int, rows: int, window: int = 8) ->
             continue
         # Only positions inside buckets of two or more matter from here on.
         pos = np.unique(np.concatenate([shared, shared + 1]))
-        h, docs = h[pos], order[pos]
-        starts = _run_starts(h)
-        first = np.maximum.accumulate(np.where(starts, np.arange(len(h)), 0))
-        found.append(np.stack([docs[first[~starts]], docs[~starts]], axis=1))
-        for d in range(2, window):
-            same = h[d:] == h[:-d]
-            if not same.any():
-                break
-            found.append(np.stack([docs[:-d][same], docs[d:][same]], axis=1))
+        found.append(bucket_pairs(h[pos], order[pos], window))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.sort(np.concatenate(found), axis=1).astype(np.int64)
@@ -268,6 +274,23 @@ def _author_codes(table: pa.Table) -> np.ndarray:
     return pc.fill_null(codes.cast(pa.int64()), -1).to_numpy()
 
 
+def author_repeats(author: np.ndarray, key_hash: np.ndarray, max_copies: int) -> np.ndarray:
+    """Rows whose author (a code, -1 for none) posted their key more than max_copies times: all of those rows."""
+    order = np.lexsort((key_hash, author))
+    a, h = author[order], key_hash[order]
+    starts = np.flatnonzero(_run_starts(a) | _run_starts(h))
+    sizes = np.diff(np.r_[starts, len(order)])
+    return order[(np.repeat(sizes, sizes) > max_copies) & (a >= 0)]
+
+
+def exact_copies(alive: np.ndarray, key_hash: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(copies, the row each copies) among the rows `alive`: the lowest-ranked row of each key is the one kept."""
+    order = alive[np.lexsort((rank[alive], key_hash[alive]))]
+    starts = _run_starts(key_hash[order])
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    return order[~starts], first[~starts]
+
+
 def dedup(table: pa.Table, cfg: DedupConfig) -> DedupResult:
     """Decide which rows to keep; the table needs id, author_id, created_at and text columns."""
     missing = {"id", "author_id", "created_at", "text"} - set(table.column_names)
@@ -290,25 +313,14 @@ def dedup(table: pa.Table, cfg: DedupConfig) -> DedupResult:
         return result
 
     if cfg.author_repeat_max is not None:
-        author = _author_codes(table)
-        order = np.lexsort((key_hash, author))
-        a, h = author[order], key_hash[order]
-        starts = np.flatnonzero(_run_starts(a) | _run_starts(h))
-        sizes = np.diff(np.r_[starts, n])
-        group_size = np.repeat(sizes, sizes)
-        repeat = order[(group_size > cfg.author_repeat_max) & (a >= 0)]
+        repeat = author_repeats(_author_codes(table), key_hash, cfg.author_repeat_max)
         keep[repeat] = False
         result.dropped["author_repeat"] = len(repeat)
 
     if cfg.exact:
-        alive = np.flatnonzero(keep)
-        order = alive[np.lexsort((rank[alive], key_hash[alive]))]
-        h = key_hash[order]
-        starts = _run_starts(h)
-        first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
-        dups = order[~starts]
+        dups, first = exact_copies(np.flatnonzero(keep), key_hash, rank)
         keep[dups] = False
-        dup_of[dups] = first[~starts]
+        dup_of[dups] = first
         result.dropped["exact_duplicate"] = len(dups)
 
     if cfg.near:

@@ -21,6 +21,7 @@ Layout of a data directory:
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -171,23 +172,24 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _ingest_file(task: tuple[int, Path, str | None, readers.ReadOptions, Path]) -> dict:
-    """Read one input file into a Parquet part of posts (or a JSONL part of conversations), plus its rejects.
+def _ingest_file(task: tuple[str, Path, str | None, readers.ReadOptions, Path]) -> dict:
+    """Read one input file (or one span of it) into a Parquet part of posts (or a JSONL part of conversations),
+    plus its rejects; `name` names the part ("00003", or "00003-00001" for a file's second span).
 
     A file that cannot be read or holds no post format comes back with the reason as its `error` and leaves no
     part: none of its records is kept or counted, the file is.
     """
-    index, path, fmt, options, part_dir = task
+    name, path, fmt, options, part_dir = task
     size = path.stat().st_size
     part = None
     try:
         readers.check_readable(path)
         fmt = fmt or readers.detect_format(path)
         if fmt == "conversations":
-            part = part_dir / f"conversations-{index:05d}.jsonl"
+            part = part_dir / f"conversations-{name}.jsonl"
             n_ok, rejects = _write_conversations(path, part)
         else:
-            part = part_dir / f"part-{index:05d}.parquet"
+            part = part_dir / f"part-{name}.parquet"
             n_ok, rejects = _write_posts(path, fmt, options, part)
     except readers.InputFileError as e:  # raised before the file's first record, or at it (a CSV's header)
         if part is not None:
@@ -236,11 +238,14 @@ def _write_posts(path: Path, fmt: str, options: readers.ReadOptions, part: Path)
     return n_ok, rejects
 
 
-def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+def ingest(
+    inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None, engine=None
+) -> dict:
     """Raw files (any supported format, mixed) -> posts/ (Parquet parts), conversations.jsonl, rejects.jsonl.
 
     A file that cannot be read or holds no post format is rejected whole and the others go on; with cfg.strict
-    it stops the stage (InputFileError) and nothing is written.
+    it stops the stage (InputFileError) and nothing is written. `engine` (myna.data.ray_engine.RayEngine) reads
+    the files on a cluster instead of this machine's processes; every stage takes it.
     """
     cfg = cfg or PrepareConfig()
     out = Path(out)
@@ -268,12 +273,17 @@ def ingest(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | N
             atomic_write(out / "conversations.jsonl", "wb") as cf,
             atomic_write(out / "rejects.jsonl", "wb") as rf,
         ):
-            tasks = [(i, f, cfg.format, cfg.read, part_dir) for i, f in enumerate(files)]
+            tasks = [(f"{i:05d}", f, cfg.format, cfg.read, part_dir) for i, f in enumerate(files)]
             with (
                 Progress("ingest", total=sum(f.stat().st_size for f in files), unit="B") as bar,
-                _pool(min(cfg.workers, len(files))) as pool,
+                _pool(1 if engine else min(cfg.workers, len(files))) as pool,
             ):
-                for r in bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers):
+                results = (
+                    engine.ingest(files, cfg, part_dir)
+                    if engine
+                    else bounded_map(_ingest_file, tasks, pool, window=2 * cfg.workers)
+                )
+                for r in results:
                     bar.advance(r["bytes"], f"{Path(r['file']).name} ({r.get('format', 'rejected')})")
                     if "error" in r:
                         if cfg.strict:
@@ -337,7 +347,7 @@ def _clean_row_group(task: tuple[int, Path, int, CleanConfig, Path]) -> tuple[in
     return kept.num_rows, dropped, pii, batch.num_rows
 
 
-def clean(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+def clean(out: str | Path, cfg: PrepareConfig | None = None, engine=None) -> dict:
     """posts/ -> clean/, counting every drop by reason."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
@@ -352,10 +362,15 @@ def clean(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
         with (
             atomic_dir(out / "clean") as dst,
             Progress("clean", total=n_rows, unit="posts") as bar,
-            _pool(cfg.workers) as pool,
+            _pool(1 if engine else cfg.workers) as pool,
         ):
             tasks = [(i, p, g, cfg.clean, dst) for i, (p, g) in enumerate(groups)]
-            for n_kept, d, p, n in bounded_map(_clean_row_group, tasks, pool, window=2 * cfg.workers):
+            results = (
+                engine.clean(tasks)
+                if engine
+                else bounded_map(_clean_row_group, tasks, pool, window=2 * cfg.workers)
+            )
+            for n_kept, d, p, n in results:
                 kept += n_kept
                 total += n
                 dropped.update(d)
@@ -368,6 +383,12 @@ def clean(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 3: de-duplicate and split
+
+
+def untimed_val(ids: list[str], val_fraction: float, seed: int) -> list[bool]:
+    """The val share of posts without a timestamp: a seeded hash of the id, so a post's split never changes."""
+    cutoff = int(val_fraction * 2**32)
+    return [xxhash.xxh32_intdigest(i.encode(), seed) < cutoff for i in ids]
 
 
 def assign_split(table: pa.Table, val_fraction: float, seed: int) -> np.ndarray:
@@ -385,13 +406,13 @@ def assign_split(table: pa.Table, val_fraction: float, seed: int) -> np.ndarray:
         is_val[order[n - n_val :]] = True
     untimed = np.flatnonzero(~has_time)
     if len(untimed):
-        ids = table.column("id").take(pa.array(untimed)).to_pylist()
-        cutoff = int(val_fraction * 2**32)
-        is_val[untimed] = [xxhash.xxh32_intdigest(i.encode(), seed) < cutoff for i in ids]
+        is_val[untimed] = untimed_val(
+            table.column("id").take(pa.array(untimed)).to_pylist(), val_fraction, seed
+        )
     return is_val
 
 
-def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None, engine=None) -> dict:
     """clean/ -> corpus.parquet: duplicates removed (the earliest post kept), each post given a split."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
@@ -425,8 +446,9 @@ def dedup_and_split(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
             "val": int(is_val.sum()),
         }
 
+    body = functools.partial(engine.dedup_and_split, out, cfg) if engine else run
     params = {"dedup": _config_dict(cfg.dedup), "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    return _run_stage("dedup", out, src, ["corpus.parquet"], params, cfg.force, run)
+    return _run_stage("dedup", out, src, ["corpus.parquet"], params, cfg.force, body)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -444,20 +466,25 @@ def _scrub_dialogue(record: dict, pii: Counter) -> dict:
     return record
 
 
-def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None, engine=None) -> dict:
     """posts/ reply trees + conversations.jsonl + corpus.parquet's hashtags -> dialogues.jsonl and prefs.jsonl."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
     inputs = [*parts(out / "posts"), out / "conversations.jsonl", out / "corpus.parquet"]
 
     def run() -> dict:
-        cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
-        res = threads.build_threads(read_parts(out / "posts", cols), cfg.threads)
+        if engine:
+            dialogues, prefs, stats = engine.threads(out, cfg)
+        else:
+            cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
+            res = threads.build_threads(read_parts(out / "posts", cols), cfg.threads)
+            dialogues, prefs, stats = res.dialogues, res.prefs, res.stats
         pii: Counter = Counter()
-        n_conv = 0
+        n_conv = n_threads = n_prefs = 0
         with atomic_write(out / "dialogues.jsonl", "wb") as f:
-            for d in res.dialogues:
+            for d in dialogues:
                 f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
+                n_threads += 1
             with open(out / "conversations.jsonl", "rb") as conv:
                 for line in conv:
                     f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
@@ -470,15 +497,16 @@ def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
             for d in searching:
                 f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
         with atomic_write(out / "prefs.jsonl", "wb") as f:
-            for p in res.prefs:
+            for p in prefs:
                 f.write(orjson.dumps(_scrub_dialogue(p, pii)) + b"\n")
+                n_prefs += 1
         return {
-            "dialogues_from_threads": len(res.dialogues),
+            "dialogues_from_threads": n_threads,
             "dialogues_from_conversations": n_conv,
             "dialogues_calling_search": len(searching),
-            "prefs": len(res.prefs),
+            "prefs": n_prefs,
             "pii_scrubbed": dict(pii),
-            "threads": res.stats,
+            "threads": stats,
         }
 
     params = {"threads": dataclasses.asdict(cfg.threads), "search_dialogues": cfg.search_dialogues}
@@ -533,7 +561,44 @@ def build_tokenizer(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
     return _run_stage("tokenizer", out, [src], ["tokenizer.json"], params, cfg.force, run)
 
 
-def tokenize(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+def encode_row_group(
+    corpus: Path, row_group: int, tok: Tokenizer, threads: int
+) -> list[tuple[str, list, int]]:
+    """(split, token ids of each post, text bytes) for one row group of corpus.parquet, batch by batch, train
+    before val in each batch: the order the shards hold them in (both engines write through this)."""
+    table = pq.ParquetFile(corpus).read_row_group(row_group, columns=["text", "split"])
+    out = []
+    for batch in table.to_batches(max_chunksize=8192):
+        for split in ("train", "val"):
+            texts = batch.column(0).filter(pc.equal(batch.column(1), split))
+            ids = tok.encode_batch(texts.to_pylist(), num_threads=threads)
+            out.append((split, ids, pc.sum(pc.binary_length(texts)).as_py() or 0))
+    return out
+
+
+def write_shards(
+    out: Path, vocab_size: int, bos_id: int, encoded: Iterable[list[tuple[str, list, int]]]
+) -> dict:
+    """shards/{train,val}/ from encode_row_group's output, row group by row group."""
+    counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("train", "val")}
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for split in counts:  # each split's folder is swapped in whole, so no run mixes with an older one
+            folder = stack.enter_context(atomic_dir(out / "shards" / split))
+            writers[split] = stack.enter_context(ShardWriter(folder, split, vocab_size, bos_id=bos_id))
+        for group in encoded:
+            for split, ids, n_bytes in group:
+                writers[split].add_many(ids)
+                c = counts[split]
+                c["docs"] += len(ids)
+                c["tokens"] = writers[split].num_tokens  # bos included
+                c["bytes"] += n_bytes
+    for c in counts.values():
+        c["bytes_per_token"] = round(c["bytes"] / max(1, c["tokens"] - c["docs"]), 3)  # bos carries no text
+    return counts
+
+
+def tokenize(out: str | Path, cfg: PrepareConfig | None = None, engine=None) -> dict:
     """corpus.parquet + tokenizer.json -> shards/train/*.bin and shards/val/*.bin (each post starts with bos)."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
@@ -541,30 +606,22 @@ def tokenize(out: str | Path, cfg: PrepareConfig | None = None) -> dict:
 
     def run() -> dict:
         tok = Tokenizer.from_file(inputs[1])
-        corpus = pq.ParquetFile(inputs[0])
-        counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("train", "val")}
-        with contextlib.ExitStack() as stack:
-            writers = {}
-            for split in counts:  # each split's folder is swapped in whole, so no run mixes with an older one
-                folder = stack.enter_context(atomic_dir(out / "shards" / split))
-                writers[split] = stack.enter_context(
-                    ShardWriter(folder, split, tok.vocab_size, bos_id=tok.bos_id)
+        meta = pq.ParquetFile(inputs[0]).metadata
+        with Progress("tokenize", total=meta.num_rows, unit="posts") as bar:
+
+            def encoded() -> Iterator[list]:
+                groups = (
+                    engine.encode(inputs[0], inputs[1], meta.num_row_groups)
+                    if engine
+                    else (
+                        encode_row_group(inputs[0], g, tok, cfg.workers) for g in range(meta.num_row_groups)
+                    )
                 )
-            bar = stack.enter_context(Progress("tokenize", total=corpus.metadata.num_rows, unit="posts"))
-            for batch in corpus.iter_batches(batch_size=8192, columns=["text", "split"]):
-                for split, c in counts.items():
-                    texts = batch.column(0).filter(pc.equal(batch.column(1), split))
-                    ids = tok.encode_batch(texts.to_pylist(), num_threads=cfg.workers)
-                    writers[split].add_many(ids)
-                    c["docs"] += len(ids)
-                    c["tokens"] = writers[split].num_tokens  # bos included
-                    c["bytes"] += pc.sum(pc.binary_length(texts)).as_py() or 0
-                bar.advance(batch.num_rows)
-        for c in counts.values():
-            c["bytes_per_token"] = round(
-                c["bytes"] / max(1, c["tokens"] - c["docs"]), 3
-            )  # bos carries no text
-        return counts
+                for g, group in enumerate(groups):
+                    yield group
+                    bar.advance(meta.row_group(g).num_rows)
+
+            return write_shards(out, tok.vocab_size, tok.bos_id, encoded())
 
     return _run_stage("tokenize", out, inputs, ["shards/train", "shards/val"], {}, cfg.force, run)
 
@@ -602,18 +659,21 @@ def write_funnel(out: Path, ing: dict, cln: dict, ddp: dict) -> dict:
     return funnel
 
 
-def prepare(inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None) -> dict:
-    """Every stage, in order; returns a summary with the funnel and each stage's numbers."""
+def prepare(
+    inputs: Iterable[str | Path], out: str | Path, cfg: PrepareConfig | None = None, engine=None
+) -> dict:
+    """Every stage, in order; returns a summary with the funnel and each stage's numbers. The tokenizer is
+    trained on this machine whatever the engine (BPE sees at most cfg.tokenizer_max_docs posts)."""
     cfg = cfg or PrepareConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ing = ingest(inputs, out, cfg)
-    cln = clean(out, cfg)
-    ddp = dedup_and_split(out, cfg)
+    ing = ingest(inputs, out, cfg, engine)
+    cln = clean(out, cfg, engine)
+    ddp = dedup_and_split(out, cfg, engine)
     funnel = write_funnel(out, ing, cln, ddp)
-    thr = build_dialogues(out, cfg)
+    thr = build_dialogues(out, cfg, engine)
     tkn = build_tokenizer(out, cfg)
-    shd = tokenize(out, cfg)
+    shd = tokenize(out, cfg, engine)
     return {
         "funnel": funnel,
         "ingest": ing,

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from myna.data.schema import POST_FIELDS, Reject, new_post
-from myna.io import ZSTD_MAGIC, open_binary
+from myna.io import GZIP_MAGIC, ZSTD_MAGIC, open_binary
 
 FORMATS = ("v1", "v2", "archive", "csv", "text", "jsonl", "parquet", "conversations")
 CHUNK_BYTES = 1 << 20  # read size; records are split out of chunks, so memory is O(chunk + largest record)
@@ -59,6 +59,16 @@ CSV_ALIASES = {
 CSV_PRESETS = {"sentiment140": ({"id": 1, "created_at": 2, "author_id": 4, "author_name": 4, "text": 5}, 6)}
 
 
+@dataclass(frozen=True)
+class Span:
+    """One worker's share of a large uncompressed line-format file: the lines that start in bytes [start, end),
+    the first of them line `first_line` of the file (so ids and rejects name the file's own line numbers)."""
+
+    start: int
+    end: int
+    first_line: int
+
+
 @dataclass
 class ReadOptions:
     csv_columns: dict[str, str | int] | None = None  # Post field -> column name or 0-based index
@@ -68,6 +78,7 @@ class ReadOptions:
     csv_delimiter: str | None = None  # None = tab for .tsv/.tab, comma otherwise
     encoding: str = "utf-8"  # csv and text files (Sentiment140's original CSV is latin-1)
     max_record_bytes: int = 8 << 20  # larger records are rejected without being held in memory
+    span: Span | None = None  # read only these lines (see line_spans); None: the whole file
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +155,57 @@ def read_posts(
         raise ValueError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
     if os.path.getsize(path) == 0:
         return iter(())
+    if options.span is not None and not splittable(path, fmt):
+        raise ValueError(
+            f"{path}: a {fmt} file of this kind is read whole; spans are for JSON lines and text"
+        )
     return _READERS[fmt](str(path), options)
+
+
+def splittable(path: str | Path, fmt: str) -> bool:
+    """Can the file be read in byte ranges by several workers: an uncompressed file of one record a line."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(GZIP_MAGIC) or magic == ZSTD_MAGIC:  # a compressed stream cannot be entered mid-way
+        return False
+    if fmt == "text":
+        return True
+    return fmt in ("v1", "v2", "jsonl") and not _is_document(_head(str(path)))
+
+
+def line_spans(path: str | Path, span_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about span_bytes that cover the file, each starting at a line's first byte.
+
+    Only the bytes around each cut are read (up to the next newline), so planning a multi-GB file is cheap.
+    """
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        target = span_bytes
+        while target < size:
+            f.seek(target)
+            while (block := f.read(CHUNK_BYTES)) and (newline := block.find(b"\n")) < 0:
+                pass
+            if not block:
+                break
+            cut = f.tell() - len(block) + newline + 1
+            if cut >= size:
+                break
+            cuts.append(cut)
+            target = max(cut, target) + span_bytes
+    return list(zip(cuts, [*cuts[1:], size], strict=True))
+
+
+def count_lines(path: str | Path, start: int, end: int) -> int:
+    """Newlines in bytes [start, end): how many lines a span ends, so the next span knows its first line."""
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0 and (block := f.read(min(CHUNK_BYTES, left))):
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,8 +216,16 @@ class _StreamError(Exception):
     """The compressed stream is truncated or corrupt; everything before it was already yielded."""
 
 
-def _chunks(path: str) -> Iterator[bytes]:
+def _chunks(path: str, span: Span | None = None) -> Iterator[bytes]:
     """Decompressed chunks of about CHUNK_BYTES; raises _StreamError after the last readable bytes."""
+    if span is not None:  # an uncompressed file (splittable): its bytes [start, end) as they are
+        with open(path, "rb") as f:
+            f.seek(span.start)
+            left = span.end - span.start
+            while left > 0 and (block := f.read(min(CHUNK_BYTES, left))):
+                left -= len(block)
+                yield block
+        return
     with open(path, "rb") as f:
         if f.read(4) == ZSTD_MAGIC:
             yield from _zstd_chunks(path)
@@ -217,15 +286,15 @@ def _head(path: str) -> bytes:
     return head[:SNIFF_BYTES].removeprefix(b"\xef\xbb\xbf").lstrip()
 
 
-def iter_lines(path: str, limit: int) -> Iterator[tuple[int, bytes] | Reject]:
+def iter_lines(path: str, limit: int, span: Span | None = None) -> Iterator[tuple[int, bytes] | Reject]:
     """(1-based line number, line without '\\n'), or a Reject for a line over `limit` bytes or a broken stream."""
-    lineno = 0
+    lineno = 0 if span is None else span.first_line - 1
     tail: list[bytes] = []  # the line that continues into the next chunk
     tail_len = 0
     oversized = False  # the current line passed `limit`: its bytes are dropped until its newline
-    first = True
+    first = span is None or span.start == 0  # only the file's first bytes can hold a BOM
     try:
-        for chunk in _chunks(path):
+        for chunk in _chunks(path, span):
             if first:
                 chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
             parts = chunk.split(b"\n")
@@ -428,8 +497,8 @@ class _Splitter:
 def json_records(path: str, options: ReadOptions) -> Iterator[tuple[object, int, bytes] | Reject]:
     """(parsed record, line or record number, raw bytes) for each record of a JSON-lines file or of one JSON
     document, or a Reject."""
-    if not _is_document(_head(path)):
-        yield from _json_lines(path, options.max_record_bytes)
+    if options.span is not None or not _is_document(_head(path)):
+        yield from _json_lines(path, options.max_record_bytes, options.span)
         return
     index = 0
     try:
@@ -448,8 +517,8 @@ def json_records(path: str, options: ReadOptions) -> Iterator[tuple[object, int,
         yield Reject(path, index + 1, f"broken JSON document: {e}")
 
 
-def _json_lines(path: str, limit: int) -> Iterator[tuple[object, int, bytes] | Reject]:
-    for item in iter_lines(path, limit):
+def _json_lines(path: str, limit: int, span: Span | None) -> Iterator[tuple[object, int, bytes] | Reject]:
+    for item in iter_lines(path, limit, span):
         if isinstance(item, Reject):
             yield item
             continue
@@ -1019,7 +1088,7 @@ def _csv_post(row: list[str], columns: dict, path: str, line: int) -> dict | Rej
 def _read_text(path: str, options: ReadOptions) -> Iterator[dict | Reject]:
     stem = _stem(path)
     encoding = options.encoding
-    for item in iter_lines(path, options.max_record_bytes):
+    for item in iter_lines(path, options.max_record_bytes, options.span):
         if isinstance(item, Reject):
             yield item
             continue
