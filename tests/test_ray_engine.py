@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from myna.cli import main
-from myna.data import pipeline, readers
+from myna.data import pipeline, readers, threads
 
 ray = pytest.importorskip("ray")
 from myna.data.ray_engine import RayEngine, conversation_roots  # noqa: E402
@@ -97,6 +97,7 @@ def one_ray_instance():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_large_line_files_are_read_in_spans_with_the_files_line_numbers(inputs, both):
     _, remote, _, _ = both
     names = sorted(p.name for p in (remote / "posts").glob("*.parquet"))
@@ -107,6 +108,7 @@ def test_large_line_files_are_read_in_spans_with_the_files_line_numbers(inputs, 
     assert any(r["file"].endswith("trees.jsonl") and r["reason"].startswith("text:") for r in rejects)
 
 
+@pytest.mark.slow
 def test_every_output_equals_the_local_engines(both):
     local, remote, summary_local, summary_ray = both
     tables = [pipeline.read_parts(d / "posts") for d in (local, remote)]
@@ -163,9 +165,22 @@ def test_conversation_roots_follow_chains_and_leave_cycles_out():
     assert root.tolist() == [1, 1, 1, 5, -1, -1, -1]
 
 
+@pytest.mark.slow
 def test_the_cli_runs_a_stage_on_ray(inputs, both, tmp_path, capsys):
     local = both[0]
     main(["data", "ingest", str(inputs), "--out", str(tmp_path), "--engine", "ray", "--span-mb", "1"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["files_rejected"] == 1 and summary["posts"] > 30_000
     assert pipeline.read_parts(tmp_path / "posts").equals(pipeline.read_parts(local / "posts"))
+
+
+@pytest.mark.slow
+def test_posts_that_answer_no_one_make_trees_of_one(inputs, tmp_path):
+    """A dump without a single reply (the union of posts and replies was empty on one side and broke the shuffle)."""
+    cfg = pipeline.PrepareConfig(workers=1)
+    pipeline.ingest([inputs / "s140.txt"], tmp_path, cfg)
+    dialogues, prefs, stats = RayEngine(partitions=3).threads(tmp_path, cfg)
+    posts = pipeline.read_parts(tmp_path / "posts", threads.COLUMNS)
+    assert list(dialogues) == [] and list(prefs) == []
+    assert stats == threads.build_threads(posts, cfg.threads).stats
+    assert stats["trees"] == posts.num_rows > 3000

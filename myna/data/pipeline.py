@@ -466,6 +466,21 @@ def _scrub_dialogue(record: dict, pii: Counter) -> dict:
     return record
 
 
+def _hashtag_posts(corpus: Path) -> dict[str, list]:
+    """The train posts that carry a hashtag (listed, or written with '#'): all that tool_dialogues reads, streamed
+    so that only those posts are held, not the corpus."""
+    columns = ["id", "author_id", "author_name", "created_at", "text", "hashtags", "split"]
+    columns = [c for c in columns if c in pq.read_schema(corpus).names]
+    kept = []
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=65_536, columns=columns):
+        t = pa.Table.from_batches([batch])
+        tagged = pc.or_kleene(
+            pc.greater(pc.list_value_length(t["hashtags"]), 0), pc.match_substring(t["text"], "#")
+        )
+        kept.append(t.filter(pc.and_kleene(pc.equal(t["split"], "train"), tagged)))
+    return pa.concat_tables(kept).to_pydict() if kept else {c: [] for c in columns}
+
+
 def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None, engine=None) -> dict:
     """posts/ reply trees + conversations.jsonl + corpus.parquet's hashtags -> dialogues.jsonl and prefs.jsonl."""
     cfg = cfg or PrepareConfig()
@@ -476,8 +491,7 @@ def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None, engine=No
         if engine:
             dialogues, prefs, stats = engine.threads(out, cfg)
         else:
-            cols = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
-            res = threads.build_threads(read_parts(out / "posts", cols), cfg.threads)
+            res = threads.build_threads(read_parts(out / "posts", threads.COLUMNS), cfg.threads)
             dialogues, prefs, stats = res.dialogues, res.prefs, res.stats
         pii: Counter = Counter()
         n_conv = n_threads = n_prefs = 0
@@ -489,11 +503,7 @@ def build_dialogues(out: str | Path, cfg: PrepareConfig | None = None, engine=No
                 for line in conv:
                     f.write(orjson.dumps(_scrub_dialogue(orjson.loads(line), pii)) + b"\n")
                     n_conv += 1
-            columns = ["id", "author_id", "author_name", "created_at", "text", "hashtags", "split"]
-            columns = [c for c in columns if c in pq.read_schema(out / "corpus.parquet").names]
-            searching = tool_dialogues(
-                pq.read_table(out / "corpus.parquet", columns=columns).to_pydict(), cfg.search_dialogues
-            )
+            searching = tool_dialogues(_hashtag_posts(out / "corpus.parquet"), cfg.search_dialogues)
             for d in searching:
                 f.write(orjson.dumps(_scrub_dialogue(d, pii)) + b"\n")
         with atomic_write(out / "prefs.jsonl", "wb") as f:

@@ -257,12 +257,8 @@ class RayEngine:
         skipped = Counter(_column_arrays(posts.select_columns(["skip"]))["skip"].tolist())
         usable = _where(posts, pc.field("skip") == 0).drop_columns(["skip"]).materialize()
         # a reply meets its parent in the partition of the parent's id
-        parents = usable.map_batches(functools.partial(_keyed, key="id"), batch_format="pyarrow")
-        replies = _where(usable, pc.field("in_reply_to_id").is_valid()).map_batches(
-            functools.partial(_keyed, key="in_reply_to_id"), batch_format="pyarrow"
-        )
         edges = _column_arrays(
-            parents.union(replies)
+            usable.map_batches(_keyed, batch_format="pyarrow")
             .repartition(self.partitions, keys=["key"])
             .map_batches(_reply_edges, batch_size=None, batch_format="pyarrow")
         )
@@ -572,13 +568,12 @@ def _write_corpus_part(item: dict, gone: np.ndarray, val: np.ndarray, cfg: pipel
 
 # threads.STAT_KEYS that the driver counts over every post; a partition counts the rest
 _WHOLE_RUN_STATS = ("posts", "reposts_skipped", "empty_text_skipped", "duplicate_ids", "unreachable_posts")
-_THREAD_COLUMNS = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
 
 
 def _thread_rows(batch: pa.Table) -> pa.Table:
     """One posts part with global rows, and why a post cannot be in a thread: 1 a repost, 2 no text, else 0."""
     path, offset = batch.column("path")[0].as_py(), batch.column("offset")[0].as_py()
-    table = pq.read_table(path, columns=_THREAD_COLUMNS)
+    table = pq.read_table(path, columns=threads.COLUMNS)
     repost = np.asarray(table.column("repost_of_id").is_valid())
     empty = np.array([not t.strip() for t in table.column("text").to_pylist()], dtype=bool)
     skip = np.where(repost, 1, np.where(empty, 2, 0)).astype(np.int8)
@@ -597,10 +592,20 @@ def _first_of_id(t: pa.Table) -> pa.Table:
     return t.set_column(t.column_names.index("skip"), "skip", pa.array(skip))
 
 
-def _keyed(t: pa.Table, key: str) -> pa.Table:
-    """(key, row, is the row a parent): a post under its id, or a reply under its parent's id."""
+def _keyed(t: pa.Table) -> pa.Table:
+    """(key, row, is the row a parent): every post under its id, and each reply again under its parent's id."""
+    reply = np.asarray(t.column("in_reply_to_id").is_valid())
+    replies = t.filter(pa.array(reply))
     return pa.table(
-        {"key": t.column(key), "row": t.column("row"), "parent": pa.array(np.full(t.num_rows, key == "id"))}
+        {
+            "key": pa.concat_arrays(
+                [t.column("id").combine_chunks(), replies.column("in_reply_to_id").combine_chunks()]
+            ).cast(pa.string()),
+            "row": np.concatenate([t.column("row").to_numpy(), replies.column("row").to_numpy()]).astype(
+                np.int64
+            ),
+            "parent": np.r_[np.ones(t.num_rows, dtype=bool), np.zeros(replies.num_rows, dtype=bool)],
+        }
     )
 
 

@@ -33,6 +33,17 @@ MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 SNIPPET_CHARS = 200
 
 
+COLUMNS = [
+    "id",
+    "author_id",
+    "text",
+    "in_reply_to_id",
+    "repost_of_id",
+    "like_count",
+    "source",
+]  # what it reads
+
+
 @dataclass
 class ThreadConfig:
     min_turns: int = 2  # merged turns a dialogue needs
@@ -91,10 +102,7 @@ def build_threads(posts: pa.Table, cfg: ThreadConfig) -> ThreadResult:
     """Rebuild reply trees from in_reply_to_id; emit one dialogue per kept leaf and like-ranked sibling pairs."""
     stats = Counter({key: 0 for key in STAT_KEYS})
     stats["posts"] = posts.num_rows
-    col = {
-        name: posts.column(name).to_pylist()
-        for name in ("id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source")
-    }
+    col = {name: posts.column(name).to_pylist() for name in COLUMNS}
     row_of = _usable_rows(col, stats)
     parent, children, roots = _reply_trees(row_of, col, stats)
 
