@@ -186,8 +186,20 @@ def _cpu(vocab: int) -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(
         vocab_size=vocab, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mlp_hidden=704, max_seq_len=256
     )
+    # Muon on the block matrices with a warmup-stable-decay schedule: bench/speedrun_cpu.py has it reach a GPT-2
+    # baseline's 700-step val loss in 40% of the baseline's time (AdamW + cosine: 64%) and end far lower; its steps
+    # cost 30% more, so 540 of them take the time 700 AdamW steps did. AdamW + cosine for 700 steps, this preset's
+    # earlier recipe: `optimizer: adamw`, `schedule: cosine`, `steps: 700` in a --config file.
     train = TrainConfig(
-        batch_size=8, seq_len=256, steps=700, lr=3e-3, warmup_steps=30, eval_every=100, save_every=200
+        batch_size=8,
+        seq_len=256,
+        steps=540,
+        lr=3e-3,
+        optimizer="muon",
+        schedule="wsd",
+        warmup_steps=30,
+        eval_every=100,
+        save_every=200,
     )
     return model, train
 
