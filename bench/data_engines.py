@@ -15,7 +15,6 @@ Prints a table: median of the runs, and the Ray / local ratio of the same size.
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,13 +47,6 @@ def prepare(raw: Path, engine: str, span_mb: int) -> tuple[float, float]:
         return seconds, usage.ru_maxrss / 1024
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--posts", type=int, nargs="+", default=[100_000, 300_000])
@@ -64,8 +56,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from myna.eval.run import hardware
+
     make_corpus = corpus_maker()
-    table = Table(title=f"myna data prepare, local vs Ray Data ({os.cpu_count()} CPUs: {cpu()})")
+    table = Table(title=f"myna data prepare, local vs Ray Data ({os.cpu_count()} CPUs: {hardware()['cpu']})")
     for col in ("posts", "engine", "seconds", "posts/s", "peak RSS MiB", "Ray / local"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from myna.config import ModelConfig, TrainConfig, preset  # noqa: E402
 from myna.data.loader import TokenLoader  # noqa: E402
+from myna.eval.run import hardware  # noqa: E402
 from myna.model import GPT  # noqa: E402
 from myna.train.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 
@@ -178,13 +179,6 @@ def prepared_sample(cache: Path) -> Path:
     return cache
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -212,7 +206,7 @@ def main() -> None:
 
     table = Table(
         title=f"time to the GPT-2 baseline's {args.steps}-step val loss ({target:.3f}), "
-        f"{torch.get_num_threads()} threads of {cpu()}, median of {args.repeats}"
+        f"{torch.get_num_threads()} threads of {hardware()['cpu']}, median of {args.repeats}"
     )
     for col in ("recipe", "tokens/s", f"val loss at {args.steps}", "time to target", "speed-up"):
         table.add_column(col, justify="right")
