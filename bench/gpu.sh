@@ -2,9 +2,11 @@
 # Training throughput on one GPU (H100/H200, < 5 minutes): prepares a data directory from data/sample, then
 # measures tokens/s, MFU and peak memory of the 124m, 350m and 1b presets in bf16 with torch.compile
 # (grad_accum 1, micro-batches sized to fit 80 GB, no checkpoint), plus a short FSDP run of 124m under
-# torchrun --nproc-per-node 1, and prints a table; then the inference engine's decode speed (1, 8 and 64 streams,
-# cached vs uncached, time to first token) on the 124m shape. Each number is the median over the second half of the steps
-# (the first ones include compilation).
+# torchrun --nproc-per-node 1, and prints a table; then time to a target val loss on the 124m shape for the GPT-2
+# baseline, Myna's 124m recipe (AdamW + cosine) and Muon + WSD (bench/speedrun.py: same shards, same windows, bf16,
+# eager, 200 steps of 32 x 1024 tokens each); then the inference engine's decode speed (1, 8 and 64 streams, cached
+# vs uncached, time to first token) on the 124m shape. Each throughput number is the median over the second half
+# of the steps (the first ones include compilation).
 #
 #   bash bench/gpu.sh               # on the GPU machine
 #   bash bench/gpu.sh --cpu-smoke   # same code paths on CPU with the tiny preset, to check the script itself
@@ -80,6 +82,16 @@ for r in rows:
     print(f"{r['preset']:<8} {r['mode']:<16} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {mfu:>7} "
           f"{r['peak_gib']:>9.1f} {r['loss']:>7.3f} {val:>7}")
 EOF
+
+echo "== time to a target loss (bench/speedrun.py)"
+RECIPES=(gpt2 myna "myna:optimizer=muon,schedule=wsd")
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+    python bench/speedrun.py --data "$WORK/data" --preset tiny --device cpu --batch 4 --seq 128 --steps 8 \
+        --eval-every 4 --repeats 1 --recipes "${RECIPES[@]}"
+else
+    python bench/speedrun.py --data "$WORK/data" --preset 124m --device cuda --steps 200 --eval-every 25 \
+        --repeats 1 --recipes "${RECIPES[@]}" 2>/dev/null
+fi
 
 echo "== inference engine (bench/infer.py)"
 if [[ "${1:-}" == "--cpu-smoke" ]]; then

@@ -1,7 +1,9 @@
-"""Training speed on this CPU: tokens/s and peak memory of the tiny and cpu presets, eager vs torch.compile,
-fp32 vs bf16 autocast, each the median of several timed runs in a fresh process; ratios are against eager fp32.
+"""Training speed on this CPU: tokens/s, page faults and peak memory of the tiny and cpu presets, eager vs
+torch.compile, fp32 vs bf16 autocast, each the median of several timed runs in a fresh process; ratios are against
+eager fp32. Steps run inside host_memory.kept, as Myna's training loop runs them; --return-host-memory leaves
+glibc's defaults (freed blocks go back to the kernel), to see what that costs.
 
-    python bench/train_cpu.py [--presets tiny,cpu] [--runs 5] [--steps 5] [--curve DATA_DIR]
+    python bench/train_cpu.py [--presets tiny,cpu] [--dtypes fp32,bf16] [--runs 5] [--steps 5] [--curve DATA_DIR]
 
 Threads follow OMP_NUM_THREADS (set it to 1 when other work shares the cores: OpenMP's spinning threads
 slow down several-fold under contention). --curve DATA_DIR also trains the cpu preset for --curve-steps steps in fp32 and in bf16 on a prepared data
@@ -22,12 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def measure(preset_name: str, compile: bool, dtype: str, runs: int, steps: int) -> dict:
+def measure(preset_name: str, compile: bool, dtype: str, runs: int, steps: int, keep: bool) -> dict:
     """One configuration, in this process: warm up (and compile), then `runs` timings of `steps` steps."""
     import torch
 
     from myna.config import preset
     from myna.model import GPT
+    from myna.train import host_memory
     from myna.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -45,17 +48,21 @@ def measure(preset_name: str, compile: bool, dtype: str, runs: int, steps: int) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up, and compilation when compiled
-        step()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    with host_memory.kept(keep):
+        for _ in range(3):  # warm-up, and compilation when compiled
             step()
-        times.append(time.perf_counter() - t0)
+        times = []
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append(time.perf_counter() - t0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     tokens = steps * tcfg.batch_size * tcfg.seq_len
     return {
         "tokens_per_s": tokens / statistics.median(times),
+        "faults_per_step": faults / (runs * steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -89,6 +96,10 @@ def curve(data_dir: str, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,cpu")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument(
+        "--return-host-memory", action="store_true", help="glibc's defaults instead of host_memory.kept"
+    )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -98,19 +109,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         p, c, d = args.one
-        print(json.dumps(measure(p, c == "1", d, args.runs, args.steps)))
+        print(json.dumps(measure(p, c == "1", d, args.runs, args.steps, not args.return_host_memory)))
         return
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step on CPU: median of {args.runs} x {args.steps} steps, vocab 8192")
-    for col in ("preset", "mode", "dtype", "tokens/s", "vs eager fp32", "peak RSS MB"):
+    memory = "returned to the kernel" if args.return_host_memory else "kept"
+    table = Table(
+        title=f"training step on CPU: median of {args.runs} x {args.steps} steps, vocab 8192, host memory {memory}"
+    )
+    for col in ("preset", "mode", "dtype", "tokens/s", "vs eager fp32", "page faults / step", "peak RSS MB"):
         table.add_column(col, justify="right")
     for p in args.presets.split(","):
         base = None
         for c in ("0",) if args.no_compile else ("0", "1"):
-            for d in ("fp32", "bf16"):
+            for d in args.dtypes.split(","):
                 cmd = [
                     sys.executable,
                     __file__,
@@ -122,6 +136,7 @@ def main() -> None:
                     str(args.runs),
                     "--steps",
                     str(args.steps),
+                    *(["--return-host-memory"] if args.return_host_memory else []),
                 ]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 base = base or r["tokens_per_s"]
@@ -132,6 +147,7 @@ def main() -> None:
                     d,
                     f"{r['tokens_per_s']:,.0f}",
                     f"{r['tokens_per_s'] / base:.2f}x",
+                    f"{r['faults_per_step']:,.0f}",
                     f"{r['peak_rss_mb']:,.0f}",
                 )
     Console().print(table)

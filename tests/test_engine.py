@@ -119,16 +119,20 @@ def test_cache_rows_at_different_lengths_decode_together_like_full_forwards(lm):
         _ = cache.pos
 
 
-def test_inference_path_ops_equal_the_training_ops(lm):
-    """Attention.cached's RoPE and joint QK-norm are the training path's to the bit."""
+def test_rope_is_the_rotation_of_each_pair_by_its_angle(lm):
+    """apply_rope, on every path, is RoPE: pair j of a head (elements j and j + D/2) as a complex number times
+    e^(i * pos * theta^(-2j/D)), each row at its own positions; and the inference path's joint QK-norm is the
+    training path's to the bit."""
     model, _ = lm
     torch.manual_seed(2)
+    D = model.cfg.head_dim
     pos = torch.tensor([[3], [40]])
-    x = torch.randn(2, 1, 6, model.cfg.head_dim)
-    cos, sin = model.rope_rows(pos)
-    d = model.cfg.head_dim // 2
-    fast = x * cos + x.roll(d, -1) * sin
-    assert torch.equal(fast, apply_rope(x, model.rope_cos[pos], model.rope_sin[pos]))
+    x = torch.randn(2, 1, 6, D)
+    got = apply_rope(x, model.rope_cos[pos], model.rope_sin[pos])
+    freq = model.cfg.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    turn = torch.polar(torch.ones(2, 1, D // 2, dtype=torch.float64), pos[..., None].double() * freq)
+    pairs = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double()) * turn[:, :, None]
+    torch.testing.assert_close(got, torch.cat([pairs.real, pairs.imag], -1).float(), atol=1e-6, rtol=1e-5)
     attn = model.blocks[0].attn
     w = torch.cat([attn.q_norm.weight.expand(4, -1), attn.k_norm.weight.expand(2, -1)])
     joint = torch.nn.functional.rms_norm(x, (x.size(-1),), None, attn.q_norm.eps) * w

@@ -4,6 +4,7 @@ write never spoils the previous checkpoint, schedules and optimizers behave."""
 import json
 import math
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from safetensors import safe_open
 
 from myna.config import TrainConfig
 from myna.data.shards import read_shard
-from myna.train import checkpoint
-from myna.train.optim import lr_at, orthogonalize, param_groups
+from myna.train import checkpoint, host_memory
+from myna.train.optim import has_bf16_matmul, lr_at, newton_schulz_dtype, orthogonalize, param_groups
 from myna.train.pretrain import pretrain
 
 
@@ -197,6 +198,44 @@ def test_newton_schulz_orthogonalises():
     s = torch.linalg.svdvals(orthogonalize(g))
     assert s.min() > 0.5 and s.max() < 1.3  # the quintic iteration's band around 1
     assert torch.linalg.svdvals(orthogonalize(g.T)).max() < 1.3
+    # in bf16 (GPUs, and CPUs with bf16 matmuls): the same band, and close to the fp32 result
+    half = orthogonalize(g, dtype=torch.bfloat16)
+    assert half.dtype == g.dtype
+    s = torch.linalg.svdvals(half)
+    assert s.min() > 0.5 and s.max() < 1.3
+    assert (half - orthogonalize(g)).abs().max() < 0.05
+
+
+def test_muon_dtype_follows_the_hardware_unless_named():
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if has_bf16_matmul(cpu) else torch.float32
+    assert newton_schulz_dtype("auto", cpu) == expected
+    assert newton_schulz_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert newton_schulz_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="muon_dtype='fp8'"):
+        newton_schulz_dtype("fp8", cpu)
+
+
+def _faults_per_block(mb: int = 48, times: int = 4) -> float:
+    """Minor page faults per fresh 48 MiB block the program writes and frees, after a first one."""
+    torch.ones(mb << 18).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        torch.ones(mb << 18).sum()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
+def test_training_keeps_the_host_memory_it_frees():
+    """Outside host_memory.kept a freed 48 MiB block is unmapped and faulted in again (12,288 pages of 4 KiB);
+    inside, the next one reuses it; afterwards glibc's defaults are back."""
+    assert _faults_per_block() > 5000
+    with host_memory.kept() as applied:
+        assert applied
+        assert _faults_per_block() < 100
+    assert _faults_per_block() > 5000
+    with host_memory.kept(enabled=False) as applied:
+        assert not applied
 
 
 def test_muon_trains_tiny(sample_data: Path, tmp_path: Path):

@@ -28,7 +28,7 @@ from myna.config import TrainConfig
 from myna.io import atomic_write
 from myna.progress import console
 from myna.runs import read_metrics
-from myna.train import checkpoint
+from myna.train import checkpoint, host_memory
 from myna.train.distributed import Dist, gradient_sync, unwrap, wrap
 from myna.train.optim import build_optimizer, lr_at, set_lr
 
@@ -249,54 +249,57 @@ def train(
     # a finished run that is resumed does no step: its result is the last record it wrote
     record: dict = _last_record(run_dir) if start >= cfg.steps else {}
     t_log, steps_since_log = time.perf_counter(), 0
-    try:
-        for step in range(start, cfg.steps):
-            set_lr(optimizer, lr_at(step, cfg))
-            sums = _accumulate(model, compiled, train_loader, loss_fn, cfg, dist, autocast)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            steps_since_log += 1
+    with host_memory.kept(dist.device.type == "cpu"):
+        try:
+            for step in range(start, cfg.steps):
+                set_lr(optimizer, lr_at(step, cfg))
+                sums = _accumulate(model, compiled, train_loader, loss_fn, cfg, dist, autocast)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                steps_since_log += 1
 
-            is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-            if done % cfg.log_every == 0 or is_eval:
-                tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
-                loss, stats = _averaged(*sums, cfg, dist)
-                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
-                record["tokens_per_s"] = tokens_per_s
-                if peak:
-                    record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.world_size)
-                record.update(stats)
-                if is_eval:
-                    val_loader.load_state_dict(val_start)
-                    record.update(eval_fn(compiled, val_loader, autocast))
-                if metrics is not None:
-                    metrics.write(record)
-                    bar.update(bar.task_ids[0], completed=done, info=_format(record))
+                is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+                if done % cfg.log_every == 0 or is_eval:
+                    tokens_per_s = steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
+                    loss, stats = _averaged(*sums, cfg, dist)
+                    record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+                    record["tokens_per_s"] = tokens_per_s
+                    if peak:
+                        record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.world_size)
+                    record.update(stats)
                     if is_eval:
-                        console.print(f"step {done}: {_format(record)}", highlight=False)
-                t_log, steps_since_log = time.perf_counter(), 0  # eval time is not training time
-            elif bar is not None:
-                bar.update(bar.task_ids[0], completed=done)
+                        val_loader.load_state_dict(val_start)
+                        record.update(eval_fn(compiled, val_loader, autocast))
+                    if metrics is not None:
+                        metrics.write(record)
+                        bar.update(bar.task_ids[0], completed=done, info=_format(record))
+                        if is_eval:
+                            console.print(f"step {done}: {_format(record)}", highlight=False)
+                    t_log, steps_since_log = time.perf_counter(), 0  # eval time is not training time
+                elif bar is not None:
+                    bar.update(bar.task_ids[0], completed=done)
 
-            if (cfg.save_every and done % cfg.save_every == 0) or (done == cfg.steps and final_checkpoint):
-                state = {
-                    "config": asdict(cfg),
-                    "loader": dist.gather(train_loader.state_dict()),
-                    "rng": dist.gather(checkpoint.rng_state()),
-                    **(extra_state or {}),
-                }
-                checkpoint.save(run_dir, done, model, optimizer, state, dist, cfg.keep_last)
-                t_log, steps_since_log = time.perf_counter(), 0
-            if on_step is not None:
-                on_step(done, record if record.get("step") == done else {"step": done})
-    finally:
-        if bar is not None:
-            bar.stop()
-        if metrics is not None:
-            metrics.close()
+                if (cfg.save_every and done % cfg.save_every == 0) or (
+                    done == cfg.steps and final_checkpoint
+                ):
+                    state = {
+                        "config": asdict(cfg),
+                        "loader": dist.gather(train_loader.state_dict()),
+                        "rng": dist.gather(checkpoint.rng_state()),
+                        **(extra_state or {}),
+                    }
+                    checkpoint.save(run_dir, done, model, optimizer, state, dist, cfg.keep_last)
+                    t_log, steps_since_log = time.perf_counter(), 0
+                if on_step is not None:
+                    on_step(done, record if record.get("step") == done else {"step": done})
+        finally:
+            if bar is not None:
+                bar.stop()
+            if metrics is not None:
+                metrics.close()
     return record
 
 

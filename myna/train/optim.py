@@ -62,10 +62,29 @@ def muon_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """Approximately U V^T of g = U S V^T, by the quintic Newton-Schulz iteration (bf16 on GPU, fp32 on CPU)."""
+def has_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware on device: CUDA, or a CPU with AVX512-BF16 or AMX tiles."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu: absent = no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
+    """TrainConfig.muon_dtype as a dtype: "auto" is bf16 where has_bf16_matmul, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if has_bf16_matmul(device) else torch.float32
+    if name in ("float32", "bfloat16"):
+        return getattr(torch, name)
+    raise ValueError(f"muon_dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
+
+
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T, by the quintic Newton-Schulz iteration, computed in dtype."""
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
@@ -94,8 +113,16 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (Nesterov momentum, orthogonalised update, decoupled weight decay),
     AdamW for the other groups. Learning rates are per group, so the schedule scales each one."""
 
-    def __init__(self, groups: list[dict], momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8):
+    def __init__(
+        self,
+        groups: list[dict],
+        momentum: float = 0.95,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        ns_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(groups, {"momentum": momentum, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,7 +143,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
             nesterov = p.grad.add(buf, alpha=mu)
-            update = _like(orthogonalize(_full(nesterov)), p)
+            update = _like(orthogonalize(_full(nesterov), dtype=self.ns_dtype), p)
             # An orthogonal update has unit singular values; scale so tall matrices get the same RMS step.
             scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
             p.mul_(1 - lr * wd)
@@ -149,7 +176,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None
         )
     elif cfg.optimizer == "muon":
-        opt = Muon(muon_param_groups(model, cfg), betas=tuple(cfg.betas))
+        device = next(model.parameters()).device
+        ns_dtype = newton_schulz_dtype(cfg.muon_dtype, device)
+        opt = Muon(muon_param_groups(model, cfg), betas=tuple(cfg.betas), ns_dtype=ns_dtype)
     else:
         raise ValueError(f"optimizer={cfg.optimizer!r}: expected 'adamw' or 'muon'")
     for g in opt.param_groups:
