@@ -45,6 +45,7 @@ from myna.eval.run import hardware  # noqa: E402
 from myna.model import GPT  # noqa: E402
 from myna.train import host_memory  # noqa: E402
 from myna.train.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from myna.train.pretrain import apply_overrides  # noqa: E402
 
 VAL_WINDOWS = 190
 SMALL_WIDTH = 256  # up to this width the baseline takes nanoGPT's small-model settings, above it GPT-2 124M's
@@ -108,26 +109,20 @@ def build(recipe: str, args: argparse.Namespace, vocab: int) -> tuple[nn.Module,
     if name != "myna":
         raise SystemExit(f"unknown recipe {recipe!r}: gpt2, myna or myna:key=value,...")
     model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, args.seq))
-    train = replace(train, **shape)
-    model_fields, train_fields = (
-        {f.name: f for f in fields(ModelConfig)},
-        {f.name: f for f in fields(TrainConfig)},
-    )
+    kinds = {f.name: f.type for config in (ModelConfig, TrainConfig) for f in fields(config)}
+    settings = {}
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
-        target = "model" if key in model_fields else "train" if key in train_fields else None
-        if target is None:
+        if key not in kinds:
             raise SystemExit(f"{recipe}: {key!r} is no ModelConfig or TrainConfig field")
-        kind = (model_fields if target == "model" else train_fields)[key].type
+        kind = kinds[key]
         parsed = (
             value == "true" if kind in (bool, "bool") else value if kind in (str, "str") else float(value)
         )
         if isinstance(parsed, float) and parsed.is_integer() and kind in (int, "int"):
             parsed = int(parsed)
-        if target == "model":
-            model_cfg = replace(model_cfg, **{key: parsed})
-        else:
-            train = replace(train, **{key: parsed})
+        settings[key] = parsed
+    model_cfg, train = apply_overrides(model_cfg, replace(train, **shape), settings)
     torch.manual_seed(0)
     return GPT(model_cfg), train
 

@@ -46,8 +46,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     cos and sin are rope_tables' rows, [T, D] (every row at the same positions) or [B, T, D] (each row its own).
     Rolling x by half a head lines each element up with its pair, so a rotation is two products and a sum (Llama's
-    rotate_half, without its concatenation): four operations forward and backward, on CPU a quarter faster than
-    slicing the halves.
+    rotate_half, without its concatenation): four operations forward and backward, and on CPU faster than slicing
+    the halves (README, Benchmarks).
     """
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
     return x * cos + x.roll(x.size(-1) // 2, -1) * sin

@@ -33,15 +33,8 @@ MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 SNIPPET_CHARS = 200
 
 
-COLUMNS = [
-    "id",
-    "author_id",
-    "text",
-    "in_reply_to_id",
-    "repost_of_id",
-    "like_count",
-    "source",
-]  # what it reads
+# the posts' columns build_threads reads
+COLUMNS = ["id", "author_id", "text", "in_reply_to_id", "repost_of_id", "like_count", "source"]
 
 
 @dataclass

@@ -19,9 +19,8 @@ from myna.train import checkpoint, distributed
 from myna.train.loop import train
 
 
-def _apply_overrides(
-    mcfg: ModelConfig, tcfg: TrainConfig, overrides: dict
-) -> tuple[ModelConfig, TrainConfig]:
+def apply_overrides(mcfg: ModelConfig, tcfg: TrainConfig, overrides: dict) -> tuple[ModelConfig, TrainConfig]:
+    """The configs with `overrides` (ModelConfig or TrainConfig field names, vocab_size excepted) applied."""
     model_keys = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
     train_keys = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - model_keys - train_keys
@@ -100,7 +99,7 @@ def pretrain(
         "compile": compile or tcfg.compile,
         "activation_checkpointing": activation_checkpointing or tcfg.activation_checkpointing,
     }
-    mcfg, tcfg = _apply_overrides(mcfg, tcfg, {**overrides, **flags})
+    mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **flags})
 
     dist = distributed.setup(parallel, shard_size)
     try:
