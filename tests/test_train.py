@@ -1,7 +1,6 @@
 """Training on real tweets: the tiny preset learns, resume after SIGKILL is exact, a kill during a checkpoint
 write never spoils the previous checkpoint, schedules and optimizers behave."""
 
-import ctypes
 import json
 import math
 import random
@@ -217,44 +216,24 @@ def test_muon_dtype_follows_the_hardware_unless_named():
         newton_schulz_dtype("fp8", cpu)
 
 
-def _faults_per_block(mb: int = 48, times: int = 4, warm: int = 6) -> float:
-    """Minor page faults per fresh block of mb MiB the program writes and frees, once `warm` blocks have come and gone
-    (a heap that keeps what is freed grows for the first four or five before it has room to reuse)."""
-    for _ in range(warm):
-        torch.ones(mb << 18).sum()
+def _faults_per_block(mb: int = 48, times: int = 4) -> float:
+    """Minor page faults per fresh 48 MiB block the program writes and frees, after a first one."""
+    torch.ones(mb << 18).sum()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(times):
         torch.ones(mb << 18).sum()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
 
 
-def _mapped_blocks_with_a_live_tensor(mb: int = 64) -> int:
-    """glibc's count of blocks it gave their own mmap (mallinfo2's hblks) while a tensor of mb MiB is alive."""
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-        ]
-
-    libc = host_memory._glibc()
-    libc.mallinfo2.restype = MallInfo2
-    block = torch.ones(mb << 18)  # noqa: F841 (alive while glibc counts)
-    return libc.mallinfo2().hblks
-
-
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
 def test_training_keeps_the_host_memory_it_frees():
     """Outside host_memory.kept a freed 48 MiB block is unmapped and faulted in again (12,288 pages of 4 KiB);
-    inside, the next one reuses it, and a large block no longer gets its own mmap; afterwards it does again."""
-    mapped = _mapped_blocks_with_a_live_tensor()
+    inside, the next one reuses it; afterwards glibc's defaults are back."""
     assert _faults_per_block() > 5000
     with host_memory.kept() as applied:
         assert applied
         assert _faults_per_block() < 100
-        assert _mapped_blocks_with_a_live_tensor() == mapped - 1
-    # larger than any block the heap held inside, which it may still hold free and hand out instead
-    assert _mapped_blocks_with_a_live_tensor(mb=1024) == mapped
+    assert _faults_per_block() > 5000
     with host_memory.kept(enabled=False) as applied:
         assert not applied
 
