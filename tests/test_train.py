@@ -4,7 +4,6 @@ write never spoils the previous checkpoint, schedules and optimizers behave."""
 import json
 import math
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -216,39 +215,68 @@ def test_muon_dtype_follows_the_hardware_unless_named():
         newton_schulz_dtype("fp8", cpu)
 
 
-def _faults_per_block(mb: int = 48, times: int = 4) -> float:
-    """Minor page faults per fresh 48 MiB block the program writes and frees, after a first one."""
-    torch.ones(mb << 18).sum()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(times):
-        torch.ones(mb << 18).sum()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
+# Page faults are measured in a fresh interpreter: what earlier tests left in this process's heap (and the
+# threads they started) decides where a block lands, which made in-process counts depend on the test order.
+# Blocks come straight from glibc's malloc, so nothing but the allocator decides.
+FAULTS = """
+import ctypes, json, resource, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+def faults_per_block(mb=48, times=3):
+    # a first block, then minor page faults per block of mb MiB written and freed
+    # (12,288 pages of 4 KiB when each comes fresh from the kernel)
+    counts = []
+    for _ in range(times + 1):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(mb << 20)
+        libc.memset(block, 1, mb << 20)
+        libc.free(block)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sum(counts[1:]) / times
+"""
+
+
+def _fresh(code: str, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", FAULTS + code, *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
 def test_training_keeps_the_host_memory_it_frees():
-    """Outside host_memory.kept a freed 48 MiB block is unmapped and faulted in again (12,288 pages of 4 KiB);
-    inside, the next one reuses it; afterwards glibc's defaults are back."""
-    assert _faults_per_block() > 5000
-    with host_memory.kept() as applied:
-        assert applied
-        assert _faults_per_block() < 100
-    assert _faults_per_block() > 5000
-    with host_memory.kept(enabled=False) as applied:
-        assert not applied
+    """Outside host_memory.kept a freed 48 MiB block is unmapped and the next one faulted in again; inside, the
+    next one reuses it; afterwards glibc's defaults are back."""
+    code = """
+from myna.train import host_memory
+before = faults_per_block()
+with host_memory.kept() as applied:
+    inside = faults_per_block()
+after = faults_per_block()
+with host_memory.kept(enabled=False) as disabled:
+    pass
+print(json.dumps(dict(before=before, applied=applied, inside=inside, after=after, disabled=disabled)))
+"""
+    seen = _fresh(code)
+    assert seen["before"] > 5000 and seen["after"] > 5000, seen
+    assert seen["applied"] and seen["inside"] < 100, seen
+    assert not seen["disabled"]
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
 def test_the_training_loop_runs_with_its_host_memory_kept(sample_data: Path, tmp_path: Path):
-    faults = []
-    pretrain(
-        sample_data,
-        tmp_path / "run",
-        preset="tiny",
-        steps=2,
-        on_step=lambda *_: faults.append(_faults_per_block()),
-    )
-    assert len(faults) == 2 and max(faults) < 100
+    code = """
+from myna.train.pretrain import pretrain
+faults = []
+pretrain(sys.argv[1], sys.argv[2], preset="tiny", steps=2, on_step=lambda *_: faults.append(faults_per_block()))
+print(json.dumps(dict(faults=faults, after=faults_per_block())))
+"""
+    seen = _fresh(code, str(sample_data), str(tmp_path / "run"))
+    assert len(seen["faults"]) == 2 and max(seen["faults"]) < 100, seen
+    assert seen["after"] > 5000, seen
 
 
 def test_muon_trains_tiny(sample_data: Path, tmp_path: Path):
