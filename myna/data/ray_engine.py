@@ -228,14 +228,18 @@ class RayEngine:
         """Rows of the val split among dated posts: the latest share of those kept (ties: the later row)."""
         if val_fraction <= 0:
             return np.empty(0, dtype=np.int64)
-        dated = _where(reps, pc.field("ts") != NO_TIME).map_batches(
-            functools.partial(_not_in, gone=gone), batch_format="pyarrow"
+        # materialised: counting and sorting would each run the filters again
+        dated = (
+            _where(reps, pc.field("ts") != NO_TIME)
+            .map_batches(functools.partial(_not_in, gone=gone), batch_format="pyarrow")
+            .select_columns(["ts", "row"])
+            .materialize()
         )
         n_timed = dated.count()
         if not n_timed:
             return np.empty(0, dtype=np.int64)
         n_val = max(1, round(n_timed * val_fraction))
-        latest = dated.select_columns(["ts", "row"]).sort(["ts", "row"], descending=True).limit(n_val)
+        latest = dated.sort(["ts", "row"], descending=True).limit(n_val)
         return np.sort(_column_arrays(latest)["row"])
 
     # -----------------------------------------------------------------------------------------------------------
