@@ -116,12 +116,9 @@ def build(recipe: str, args: argparse.Namespace, vocab: int) -> tuple[nn.Module,
         if key not in kinds:
             raise SystemExit(f"{recipe}: {key!r} is no ModelConfig or TrainConfig field")
         kind = kinds[key]
-        parsed = (
-            value == "true" if kind in (bool, "bool") else value if kind in (str, "str") else float(value)
-        )
-        if isinstance(parsed, float) and parsed.is_integer() and kind in (int, "int"):
-            parsed = int(parsed)
-        settings[key] = parsed
+        if kind not in (bool, int, float, str):
+            raise SystemExit(f"{recipe}: {key} is a {kind}, which a recipe cannot set")
+        settings[key] = value == "true" if kind is bool else kind(value)
     model_cfg, train = apply_overrides(model_cfg, replace(train, **shape), settings)
     torch.manual_seed(0)
     return GPT(model_cfg), train
